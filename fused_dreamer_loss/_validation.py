@@ -1,0 +1,143 @@
+"""Argument checks shared by every backend.
+
+Everything here looks at shapes, dtypes, devices and Python options only: no tensor value is read,
+so validation never synchronises the host with the device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+DISTANCES = ("l2", "l1", "smooth_l1")
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+LATENT_NAMES = ("prior_mean", "prior_std", "posterior_mean", "posterior_std")
+IMAGE_NAMES = ("pixels", "reco_pixels")
+REWARD_NAMES = ("true_reward", "pred_reward")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The scalar options of the Dreamer model loss, checked once at construction."""
+
+    lambda_kl: float = 1.0
+    lambda_reco: float = 1.0
+    lambda_reward: float = 1.0
+    reco_loss: str = "l2"
+    reward_loss: str = "l2"
+    free_nats: float = 3.0
+    delayed_clamp: bool = False
+    global_average: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_kl", "lambda_reco", "lambda_reward", "free_nats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in ("reco_loss", "reward_loss"):
+            value = getattr(self, name)
+            if value not in DISTANCES:
+                raise ValueError(f"{name} must be one of {DISTANCES}, got {value!r}")
+        for name in ("delayed_clamp", "global_average"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True)
+class LossShapes:
+    """What the kernels need to know about the shapes: rows = prod(*B)."""
+
+    batch_shape: torch.Size
+    rows: int
+    latent_dim: int
+    image_numel: int
+
+
+def _check_group(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """Same shape and dtype within one loss term."""
+    first_name, first = names[0], tensors[0]
+    for name, tensor in zip(names[1:], tensors[1:]):
+        if tensor.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)} but {first_name} has shape "
+                f"{tuple(first.shape)}; they must match"
+            )
+        if tensor.dtype != first.dtype:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype} but {first_name} has dtype {first.dtype}; "
+                "the tensors of one loss term must share a dtype"
+            )
+
+
+def validate_inputs(
+    prior_mean: torch.Tensor,
+    prior_std: torch.Tensor,
+    posterior_mean: torch.Tensor,
+    posterior_std: torch.Tensor,
+    pixels: torch.Tensor,
+    reco_pixels: torch.Tensor,
+    true_reward: torch.Tensor,
+    pred_reward: torch.Tensor,
+) -> LossShapes:
+    """Check the eight input tensors and return their shape summary.
+
+    Raises:
+        TypeError: a non-tensor, a dtype that is not float16/bfloat16/float32/float64, or dtypes that
+            differ within a loss term.
+        ValueError: mismatched shapes, batch dims that disagree, an empty batch or latent dim, a reward
+            whose last dim is not 1, or tensors on different devices.
+    """
+    names = LATENT_NAMES + IMAGE_NAMES + REWARD_NAMES
+    tensors = (prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
+               true_reward, pred_reward)
+    for name, tensor in zip(names, tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype}; expected one of "
+                f"{', '.join(str(d) for d in FLOAT_DTYPES)}"
+            )
+    devices = {tensor.device for tensor in tensors}
+    if len(devices) > 1:
+        placed = ", ".join(f"{name} on {tensor.device}" for name, tensor in zip(names, tensors))
+        raise ValueError(f"all inputs must be on one device, got {placed}")
+
+    _check_group(LATENT_NAMES, tensors[0:4])
+    _check_group(IMAGE_NAMES, tensors[4:6])
+    _check_group(REWARD_NAMES, tensors[6:8])
+
+    if prior_mean.dim() < 2:
+        raise ValueError(
+            f"prior_mean must have shape [*B, D] with at least one batch dim, got "
+            f"{tuple(prior_mean.shape)}"
+        )
+    batch_shape, latent_dim = prior_mean.shape[:-1], prior_mean.shape[-1]
+    rows = math.prod(batch_shape)
+    if rows == 0:
+        raise ValueError(f"the batch is empty: prior_mean has shape {tuple(prior_mean.shape)}")
+    if latent_dim == 0:
+        raise ValueError(f"the latent dim is empty: prior_mean has shape {tuple(prior_mean.shape)}")
+    nb = len(batch_shape)
+    if pixels.dim() <= nb or pixels.shape[:nb] != batch_shape:
+        raise ValueError(
+            f"pixels must have shape [*B, *I] with the latents' batch dims B={tuple(batch_shape)} "
+            f"and at least one image dim, got {tuple(pixels.shape)}"
+        )
+    if pixels.numel() == 0:
+        raise ValueError(f"the images are empty: pixels has shape {tuple(pixels.shape)}")
+    if true_reward.shape != (*batch_shape, 1):
+        raise ValueError(
+            f"true_reward must have shape [*B, 1] = {(*batch_shape, 1)} to match the latents' "
+            f"batch dims, got {tuple(true_reward.shape)}"
+        )
+    return LossShapes(batch_shape, rows, latent_dim, pixels.numel())

@@ -1,0 +1,121 @@
+"""The functional Dreamer model loss: validation, then the one place that picks a backend."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._validation import BACKENDS, LossOptions, validate_inputs
+
+
+def _triton_kernels():
+    """The fused-kernel module, or a RuntimeError saying why it cannot run here."""
+    try:
+        from .kernels import dreamer_loss
+    except ImportError as exc:  # triton missing (e.g. not Linux)
+        raise RuntimeError(
+            f"backend='triton' needs the triton package, which failed to import: {exc}"
+        ) from exc
+    return dreamer_loss
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"`` for inputs on ``device``; raises if ``backend`` cannot run there."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not _triton_kernels().INTERPRET:
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (got tensors on {device}), or Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU"
+        )
+    return backend
+
+
+def dreamer_model_loss(
+    prior_mean: torch.Tensor,
+    prior_std: torch.Tensor,
+    posterior_mean: torch.Tensor,
+    posterior_std: torch.Tensor,
+    pixels: torch.Tensor,
+    reco_pixels: torch.Tensor,
+    true_reward: torch.Tensor,
+    pred_reward: torch.Tensor,
+    *,
+    lambda_kl: float = 1.0,
+    lambda_reco: float = 1.0,
+    lambda_reward: float = 1.0,
+    reco_loss: str = "l2",
+    reward_loss: str = "l2",
+    free_nats: float = 3.0,
+    delayed_clamp: bool = False,
+    global_average: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Dreamer world-model loss: KL with free nats, reconstruction and reward terms.
+
+    The same numbers as torchrl's ``DreamerModelLoss`` (``kl_loss`` plus ``distance_loss``), computed
+    on CUDA by fused Triton kernels that produce the loss and the gradients in one pass.
+
+    Args:
+        prior_mean, prior_std: the RSSM prior p, shape ``[*B, D]`` (``*B`` the batch dims, at least
+            one, e.g. ``[batch, time]``; ``D`` the latent size).
+        posterior_mean, posterior_std: the RSSM posterior q, shape ``[*B, D]``.
+        pixels, reco_pixels: target and decoded observation, shape ``[*B, *I]`` with any number of
+            image dims (torchrl: ``C, H, W``). Dense tensors sharing a layout (e.g. both
+            ``channels_last``) are read without a copy.
+        true_reward, pred_reward: target and predicted reward, shape ``[*B, 1]``.
+        lambda_kl, lambda_reco, lambda_reward: weights of the three terms.
+        reco_loss, reward_loss: ``"l2"``, ``"l1"`` or ``"smooth_l1"`` (beta 1).
+        free_nats: the KL is clamped from below at this value (torch's ``clamp_min``).
+        delayed_clamp: clamp the averaged KL instead of each row sum (or element).
+        global_average: average every term over all its elements instead of summing the KL over
+            ``D`` and the reconstruction over ``*I`` and averaging over the rows.
+        backend: ``"auto"`` (Triton for CUDA tensors, the reference otherwise), ``"triton"`` (the
+            fused kernels; CPU tensors only with ``TRITON_INTERPRET=1`` set before triton is
+            imported) or ``"torch"`` (the pure-torch reference).
+
+    Returns:
+        ``(loss_kl, loss_reco, loss_reward)``: 0-dim tensors, each with its lambda applied and the
+        dtype of its term's inputs; accumulation is in float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError: non-tensor or non-floating inputs, or dtypes that differ within one term.
+        ValueError: shapes or batch dims that disagree, an empty batch, inputs on several devices,
+            an unknown ``reco_loss``, ``reward_loss`` or ``backend``.
+        RuntimeError: ``backend="triton"`` where Triton cannot run.
+
+    Example:
+        >>> import torch
+        >>> from fused_dreamer_loss import dreamer_model_loss
+        >>> B, T, D = 4, 5, 30
+        >>> prior_mean, posterior_mean = torch.randn(B, T, D), torch.randn(B, T, D)
+        >>> prior_std = torch.rand(B, T, D) + 0.1
+        >>> posterior_std = torch.rand(B, T, D) + 0.1
+        >>> pixels = torch.rand(B, T, 3, 16, 16)
+        >>> reco_pixels = torch.rand(B, T, 3, 16, 16, requires_grad=True)
+        >>> reward, pred_reward = torch.randn(B, T, 1), torch.randn(B, T, 1)
+        >>> loss_kl, loss_reco, loss_reward = dreamer_model_loss(
+        ...     prior_mean, prior_std, posterior_mean, posterior_std,
+        ...     pixels, reco_pixels, reward, pred_reward, free_nats=3.0)
+        >>> (loss_kl + loss_reco + loss_reward).backward()
+        >>> reco_pixels.grad.shape
+        torch.Size([4, 5, 3, 16, 16])
+    """
+    shapes = validate_inputs(prior_mean, prior_std, posterior_mean, posterior_std,
+                             pixels, reco_pixels, true_reward, pred_reward)
+    opts = LossOptions(lambda_kl, lambda_reco, lambda_reward, reco_loss, reward_loss, free_nats,
+                       delayed_clamp, global_average)
+    if resolve_backend(backend, prior_mean.device) == "torch":
+        return reference.dreamer_model_loss(
+            prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
+            true_reward, pred_reward, lambda_kl=opts.lambda_kl, lambda_reco=opts.lambda_reco,
+            lambda_reward=opts.lambda_reward, reco_loss=opts.reco_loss,
+            reward_loss=opts.reward_loss, free_nats=opts.free_nats,
+            delayed_clamp=opts.delayed_clamp, global_average=opts.global_average,
+        )
+    return _triton_kernels().fused_dreamer_model_loss(
+        prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
+        true_reward, pred_reward, shapes, opts,
+    )

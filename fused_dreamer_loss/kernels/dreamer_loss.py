@@ -1,0 +1,547 @@
+"""Fused Triton kernels for the Dreamer world-model loss, their launchers and the autograd.Function.
+
+One forward pass computes the three loss terms *and* the gradient of every input that needs one
+(DESIGN §3): a training step reads ``pixels`` and ``reco_pixels`` once and writes
+``grad(reco_pixels)`` once, three passes over the image tensors where eager torch makes eight or more.
+
+Launches:
+    forward   1 main kernel    programs split in three segments, in this order:
+                               KL row tiles | reward tiles | image tiles;
+                               each writes one partial sum to ``partials[pid]``
+              1 finalize       one program reduces the partials of each segment in a fixed order
+                               (bitwise deterministic, no atomics), applies the delayed clamp and
+                               the lambdas, and writes the three losses
+    backward  at most 1        scales the gradients made in forward by ``grad_output`` (and the
+                               delayed-clamp mask), in place, deciding on the device: a program whose
+                               scale is unchanged returns without touching memory
+
+The math, per element, with ``diff = pm − qm`` (p = prior, q = posterior; see ``reference.py``):
+
+    kl      = log(ps / qs) + (qs² + diff²) / (2 ps²) − 1/2
+    ∂kl/∂pm = diff / ps²                    ∂kl/∂qm = −diff / ps²
+    ∂kl/∂ps = 1/ps − (qs² + diff²) / ps³    ∂kl/∂qs = qs / ps² − 1/qs
+
+and with ``d = prediction − target`` for the reconstruction and the reward:
+
+    l2        d²                              ∂/∂prediction = 2 d
+    l1        |d|                             ∂/∂prediction = sign(d)
+    smooth_l1 0.5 d² if |d| < 1 else |d| − ½  ∂/∂prediction = clamp(d, −1, 1)
+    and ∂/∂target = −∂/∂prediction.
+
+Each gradient is multiplied by ``lambda / count`` and, where the free-nats clamp cuts the term off,
+by zero (torch's ``clamp_min`` passes the gradient where ``x >= free_nats``).
+"""
+
+# No `from __future__ import annotations` here: Triton reads the "fp64" scalar annotations as
+# written, and postponed evaluation would turn them into quoted strings.
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import LossOptions, LossShapes
+
+#: True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1`` was set before triton was
+#: imported); then the kernels accept CPU tensors.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+DISTANCE_KIND = {"l2": 0, "l1": 1, "smooth_l1": 2}
+
+#: Elements of one image program's tile.
+IMAGE_BLOCK = 4096
+#: Elements of one reward program's tile.
+REWARD_BLOCK = 1024
+#: Elements of one KL program's [rows, latents] tile.
+LATENT_TILE = 2048
+#: Widest latent chunk a KL program holds at once; wider latents loop over chunks.
+MAX_LATENT_BLOCK_D = 1024
+#: Elements of one program in the in-place backward scale.
+BACKWARD_BLOCK = 4096
+#: Partials one finalize step reads.
+FINALIZE_BLOCK = 1024
+NUM_WARPS = 8
+
+# Layout of the small per-call state buffer: the delayed-clamp keep flag (1 or 0), then two slots of
+# the scale already applied to each term's gradients (kl, reco, reward); backward call k reads slot
+# k % 2 and writes slot (k + 1) % 2, so no program reads what another writes in the same launch.
+STATE_KEEP = tl.constexpr(0)
+STATE_SLOT = tl.constexpr(1)
+STATE_TERMS = tl.constexpr(3)
+STATE_SIZE = STATE_SLOT.value + 2 * STATE_TERMS.value
+
+
+@triton.jit
+def _scalar(value, ACC: tl.constexpr):
+    """A runtime scalar argument (fp64 when compiled, a Python float when interpreted) in ACC."""
+    return tl.full([], value, ACC)
+
+
+@triton.jit
+def _distance(d, KIND: tl.constexpr):
+    """Distance of ``d = prediction − target`` and its derivative with respect to the prediction."""
+    if KIND == 0:
+        loss = d * d
+        dloss = 2.0 * d
+    elif KIND == 1:
+        loss = tl.abs(d)
+        # sign(d) with sign(0) = 0; `d * 0.0` also carries a NaN through.
+        dloss = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d * 0.0))
+    else:
+        ad = tl.abs(d)
+        loss = tl.where(ad < 1.0, 0.5 * d * d, ad - 0.5)
+        dloss = tl.where(d > 1.0, 1.0, tl.where(d < -1.0, -1.0, d))
+    return loss, dloss
+
+
+@triton.jit
+def _distance_tile(target_ptr, pred_ptr, grad_target_ptr, grad_pred_ptr, n, start, scale,
+                   KIND: tl.constexpr, BLOCK: tl.constexpr, GRAD_TARGET: tl.constexpr,
+                   GRAD_PRED: tl.constexpr, ACC: tl.constexpr):
+    """Sum of the distance over one flat tile; stores the scaled gradients of the tile."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    target = tl.load(target_ptr + offs, mask=mask, other=0.0).to(ACC)
+    pred = tl.load(pred_ptr + offs, mask=mask, other=0.0).to(ACC)
+    loss, dloss = _distance(pred - target, KIND)
+    if GRAD_PRED:
+        tl.store(grad_pred_ptr + offs, (dloss * scale).to(grad_pred_ptr.dtype.element_ty), mask=mask)
+    if GRAD_TARGET:
+        tl.store(grad_target_ptr + offs, (-dloss * scale).to(grad_target_ptr.dtype.element_ty),
+                 mask=mask)
+    # Masked lanes have d = 0, hence loss 0.
+    return tl.sum(loss, axis=0)
+
+
+@triton.jit
+def _kl_tile(pm_ptr, ps_ptr, qm_ptr, qs_ptr, s_pm_r, s_pm_d, s_ps_r, s_ps_d, s_qm_r, s_qm_d,
+             s_qs_r, s_qs_d, rows, cols, mask, ACC: tl.constexpr):
+    """Loads one [rows, cols] tile of the four latents; returns them in ACC and the KL per element."""
+    pm = tl.load(pm_ptr + rows * s_pm_r + cols * s_pm_d, mask=mask, other=0.0).to(ACC)
+    ps = tl.load(ps_ptr + rows * s_ps_r + cols * s_ps_d, mask=mask, other=1.0).to(ACC)
+    qm = tl.load(qm_ptr + rows * s_qm_r + cols * s_qm_d, mask=mask, other=0.0).to(ACC)
+    qs = tl.load(qs_ptr + rows * s_qs_r + cols * s_qs_d, mask=mask, other=1.0).to(ACC)
+    diff = pm - qm
+    ps2 = ps * ps
+    kl = tl.log(ps / qs) + (qs * qs + diff * diff) / (2.0 * ps2) - 0.5
+    return pm, ps, qm, qs, kl
+
+
+@triton.jit
+def _kl_grad_store(g_pm_ptr, g_ps_ptr, g_qm_ptr, g_qs_ptr, offs, mask, pm, ps, qm, qs, scale,
+                   GRAD_PM: tl.constexpr, GRAD_PS: tl.constexpr, GRAD_QM: tl.constexpr,
+                   GRAD_QS: tl.constexpr):
+    """Stores ``scale`` times the KL's derivatives for the latents that need them."""
+    diff = pm - qm
+    ps2 = ps * ps
+    if GRAD_PM:
+        tl.store(g_pm_ptr + offs, (diff / ps2 * scale).to(g_pm_ptr.dtype.element_ty), mask=mask)
+    if GRAD_QM:
+        tl.store(g_qm_ptr + offs, (-diff / ps2 * scale).to(g_qm_ptr.dtype.element_ty), mask=mask)
+    if GRAD_PS:
+        g_ps = 1.0 / ps - (qs * qs + diff * diff) / (ps2 * ps)
+        tl.store(g_ps_ptr + offs, (g_ps * scale).to(g_ps_ptr.dtype.element_ty), mask=mask)
+    if GRAD_QS:
+        g_qs = qs / ps2 - 1.0 / qs
+        tl.store(g_qs_ptr + offs, (g_qs * scale).to(g_qs_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kl_rows(pm_ptr, ps_ptr, qm_ptr, qs_ptr, s_pm_r, s_pm_d, s_ps_r, s_ps_d, s_qm_r, s_qm_d,
+             s_qs_r, s_qs_d, g_pm_ptr, g_ps_ptr, g_qm_ptr, g_qs_ptr, n_rows, latent_dim, row_block,
+             free_nats, scale, GLOBAL_AVERAGE: tl.constexpr, DELAYED_CLAMP: tl.constexpr,
+             GRAD_PM: tl.constexpr, GRAD_PS: tl.constexpr, GRAD_QM: tl.constexpr,
+             GRAD_QS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+             ACC: tl.constexpr):
+    """The KL term of BLOCK_R rows: the sum of their (clamped) KL, and their gradients.
+
+    Without ``global_average`` and ``delayed_clamp`` each row's clamp decision needs the full row
+    sum, so the gradients come from a second sweep over the row chunks (the tile just read, hot in
+    cache); the other modes store the gradients in the first sweep.
+    """
+    ANY_GRAD: tl.constexpr = GRAD_PM or GRAD_PS or GRAD_QM or GRAD_QS
+    ROW_CLAMP: tl.constexpr = (not GLOBAL_AVERAGE) and (not DELAYED_CLAMP)
+    ELEMENT_CLAMP: tl.constexpr = GLOBAL_AVERAGE and (not DELAYED_CLAMP)
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)[:, None]
+    row_ok = rows < n_rows
+    row_sum = tl.zeros([BLOCK_R, 1], ACC)
+    for d0 in range(0, latent_dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)[None, :]
+        mask = row_ok & (cols < latent_dim)
+        pm, ps, qm, qs, kl = _kl_tile(pm_ptr, ps_ptr, qm_ptr, qs_ptr, s_pm_r, s_pm_d, s_ps_r,
+                                      s_ps_d, s_qm_r, s_qm_d, s_qs_r, s_qs_d, rows, cols, mask,
+                                      ACC)
+        if ELEMENT_CLAMP:
+            keep = kl >= free_nats
+            kl = tl.where(kl < free_nats, free_nats, kl)
+        row_sum += tl.sum(tl.where(mask, kl, 0.0), axis=1, keep_dims=True)
+        if ANY_GRAD and not ROW_CLAMP:
+            grad_scale = scale
+            if ELEMENT_CLAMP:
+                grad_scale = tl.where(keep, scale, 0.0)
+            _kl_grad_store(g_pm_ptr, g_ps_ptr, g_qm_ptr, g_qs_ptr, rows * latent_dim + cols, mask,
+                           pm, ps, qm, qs, grad_scale, GRAD_PM, GRAD_PS, GRAD_QM, GRAD_QS)
+    if ROW_CLAMP:
+        keep_row = row_sum >= free_nats
+        row_sum = tl.where(row_sum < free_nats, free_nats, row_sum)
+        row_sum = tl.where(row_ok, row_sum, 0.0)
+        if ANY_GRAD:
+            grad_scale = tl.where(keep_row, scale, 0.0)
+            for d0 in range(0, latent_dim, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)[None, :]
+                mask = row_ok & (cols < latent_dim)
+                pm, ps, qm, qs, kl = _kl_tile(pm_ptr, ps_ptr, qm_ptr, qs_ptr, s_pm_r, s_pm_d,
+                                              s_ps_r, s_ps_d, s_qm_r, s_qm_d, s_qs_r, s_qs_d, rows,
+                                              cols, mask, ACC)
+                _kl_grad_store(g_pm_ptr, g_ps_ptr, g_qm_ptr, g_qs_ptr, rows * latent_dim + cols,
+                               mask, pm, ps, qm, qs, grad_scale, GRAD_PM, GRAD_PS, GRAD_QM,
+                               GRAD_QS)
+    return tl.sum(tl.sum(row_sum, axis=1), axis=0)
+
+
+@triton.jit
+def _dreamer_loss_fwd_kernel(
+    pm_ptr, ps_ptr, qm_ptr, qs_ptr,
+    s_pm_r, s_pm_d, s_ps_r, s_ps_d, s_qm_r, s_qm_d, s_qs_r, s_qs_d,
+    g_pm_ptr, g_ps_ptr, g_qm_ptr, g_qs_ptr,
+    pixels_ptr, reco_ptr, g_pixels_ptr, g_reco_ptr,
+    true_reward_ptr, pred_reward_ptr, g_true_reward_ptr, g_pred_reward_ptr,
+    partials_ptr,
+    n_rows, latent_dim, n_image, n_reward, kl_programs, reward_programs,
+    free_nats: "fp64", kl_scale: "fp64", reco_scale: "fp64", reward_scale: "fp64",
+    GLOBAL_AVERAGE: tl.constexpr, DELAYED_CLAMP: tl.constexpr,
+    RECO_KIND: tl.constexpr, REWARD_KIND: tl.constexpr,
+    GRAD_PM: tl.constexpr, GRAD_PS: tl.constexpr, GRAD_QM: tl.constexpr, GRAD_QS: tl.constexpr,
+    GRAD_PIXELS: tl.constexpr, GRAD_RECO: tl.constexpr,
+    GRAD_TRUE_REWARD: tl.constexpr, GRAD_PRED_REWARD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    IMAGE_BLOCK: tl.constexpr, REWARD_BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """Main forward: one program per KL row tile, reward tile or image tile (in that order)."""
+    pid = tl.program_id(0)
+    if pid < kl_programs:
+        partial = _kl_rows(pm_ptr, ps_ptr, qm_ptr, qs_ptr, s_pm_r, s_pm_d, s_ps_r, s_ps_d,
+                           s_qm_r, s_qm_d, s_qs_r, s_qs_d, g_pm_ptr, g_ps_ptr, g_qm_ptr, g_qs_ptr,
+                           n_rows, latent_dim, pid, _scalar(free_nats, ACC),
+                           _scalar(kl_scale, ACC), GLOBAL_AVERAGE, DELAYED_CLAMP, GRAD_PM,
+                           GRAD_PS, GRAD_QM, GRAD_QS, BLOCK_R, BLOCK_D, ACC)
+        tl.store(partials_ptr + pid, partial)
+    elif pid < kl_programs + reward_programs:
+        start = (pid - kl_programs).to(tl.int64) * REWARD_BLOCK
+        partial = _distance_tile(true_reward_ptr, pred_reward_ptr, g_true_reward_ptr,
+                                 g_pred_reward_ptr, n_reward, start, _scalar(reward_scale, ACC),
+                                 REWARD_KIND, REWARD_BLOCK, GRAD_TRUE_REWARD, GRAD_PRED_REWARD,
+                                 ACC)
+        tl.store(partials_ptr + pid, partial)
+    else:
+        start = (pid - kl_programs - reward_programs).to(tl.int64) * IMAGE_BLOCK
+        partial = _distance_tile(pixels_ptr, reco_ptr, g_pixels_ptr, g_reco_ptr, n_image, start,
+                                 _scalar(reco_scale, ACC), RECO_KIND, IMAGE_BLOCK, GRAD_PIXELS,
+                                 GRAD_RECO, ACC)
+        tl.store(partials_ptr + pid, partial)
+
+
+@triton.jit
+def _sum_range(ptr, lo, hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Sum of ``ptr[lo:hi]`` in a fixed order."""
+    acc = tl.zeros([BLOCK], ACC)
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + offs, mask=offs < hi, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _dreamer_loss_finalize_kernel(
+    partials_ptr, kl_programs, reward_programs, total_programs,
+    out_kl_ptr, out_reco_ptr, out_reward_ptr, state_ptr,
+    free_nats: "fp64", lambda_kl: "fp64", lambda_reco: "fp64", lambda_reward: "fp64",
+    kl_count: "fp64", reco_count: "fp64", reward_count: "fp64",
+    DELAYED_CLAMP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """One program: reduce each segment's partials, average, clamp if delayed, apply lambdas."""
+    kl = _sum_range(partials_ptr, 0, kl_programs, BLOCK, ACC) / _scalar(kl_count, ACC)
+    reward = (_sum_range(partials_ptr, kl_programs, kl_programs + reward_programs, BLOCK, ACC)
+              / _scalar(reward_count, ACC))
+    reco = (_sum_range(partials_ptr, kl_programs + reward_programs, total_programs, BLOCK, ACC)
+            / _scalar(reco_count, ACC))
+    keep = _scalar(1.0, ACC)
+    if DELAYED_CLAMP:
+        fn = _scalar(free_nats, ACC)
+        keep = tl.where(kl >= fn, 1.0, 0.0).to(ACC)
+        kl = tl.where(kl < fn, fn, kl)
+    tl.store(out_kl_ptr, (_scalar(lambda_kl, ACC) * kl).to(out_kl_ptr.dtype.element_ty))
+    tl.store(out_reco_ptr, (_scalar(lambda_reco, ACC) * reco).to(out_reco_ptr.dtype.element_ty))
+    tl.store(out_reward_ptr,
+             (_scalar(lambda_reward, ACC) * reward).to(out_reward_ptr.dtype.element_ty))
+    tl.store(state_ptr + STATE_KEEP, keep)
+    for term in tl.static_range(STATE_TERMS):
+        tl.store(state_ptr + STATE_SLOT + term, _scalar(1.0, ACC))
+
+
+@triton.jit
+def _rescale_tile(grad_ptr, start, n, factor, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """``grad[start:start + BLOCK] *= factor``, in place."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(grad_ptr + offs, (grad * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _term_scale(grad_out_ptr, state_ptr, slot, TERM: tl.constexpr, ACTIVE: tl.constexpr,
+                ACC: tl.constexpr):
+    """The scale a backward call asks of one term, and the scale its gradients carry now."""
+    applied = tl.load(state_ptr + STATE_SLOT + slot * STATE_TERMS + TERM)
+    wanted = applied
+    if ACTIVE:
+        wanted = tl.load(grad_out_ptr).to(ACC)
+        if TERM == 0:
+            wanted = wanted * tl.load(state_ptr + STATE_KEEP)
+    return wanted, applied
+
+
+@triton.jit
+def _dreamer_loss_bwd_kernel(
+    g_pm_ptr, g_ps_ptr, g_qm_ptr, g_qs_ptr, g_pixels_ptr, g_reco_ptr,
+    g_true_reward_ptr, g_pred_reward_ptr,
+    grad_kl_ptr, grad_reco_ptr, grad_reward_ptr, state_ptr, slot,
+    n_latent, n_image, n_reward, latent_programs, reward_programs,
+    KL_ACTIVE: tl.constexpr, RECO_ACTIVE: tl.constexpr, REWARD_ACTIVE: tl.constexpr,
+    GRAD_PM: tl.constexpr, GRAD_PS: tl.constexpr, GRAD_QM: tl.constexpr, GRAD_QS: tl.constexpr,
+    GRAD_PIXELS: tl.constexpr, GRAD_RECO: tl.constexpr,
+    GRAD_TRUE_REWARD: tl.constexpr, GRAD_PRED_REWARD: tl.constexpr,
+    BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """Rescale the forward's gradients from the scale they carry to ``grad_output × keep``.
+
+    Segments as in the forward (latents | reward | image), flat over the contiguous gradients.
+    A program whose term already carries the wanted scale (the usual ``grad_output == 1``) does no
+    memory traffic. Program 0 records the new scales in the other slot of the state buffer.
+    """
+    pid = tl.program_id(0)
+    kl_want, kl_have = _term_scale(grad_kl_ptr, state_ptr, slot, 0, KL_ACTIVE, ACC)
+    reco_want, reco_have = _term_scale(grad_reco_ptr, state_ptr, slot, 1, RECO_ACTIVE, ACC)
+    rew_want, rew_have = _term_scale(grad_reward_ptr, state_ptr, slot, 2, REWARD_ACTIVE, ACC)
+    if pid == 0:
+        next_slot = state_ptr + STATE_SLOT + (1 - slot) * STATE_TERMS
+        tl.store(next_slot + 0, kl_want)
+        tl.store(next_slot + 1, reco_want)
+        tl.store(next_slot + 2, rew_want)
+    if pid < latent_programs:
+        if kl_want != kl_have:
+            factor = kl_want / kl_have
+            start = pid.to(tl.int64) * BLOCK
+            if GRAD_PM:
+                _rescale_tile(g_pm_ptr, start, n_latent, factor, BLOCK, ACC)
+            if GRAD_PS:
+                _rescale_tile(g_ps_ptr, start, n_latent, factor, BLOCK, ACC)
+            if GRAD_QM:
+                _rescale_tile(g_qm_ptr, start, n_latent, factor, BLOCK, ACC)
+            if GRAD_QS:
+                _rescale_tile(g_qs_ptr, start, n_latent, factor, BLOCK, ACC)
+    elif pid < latent_programs + reward_programs:
+        if rew_want != rew_have:
+            factor = rew_want / rew_have
+            start = (pid - latent_programs).to(tl.int64) * BLOCK
+            if GRAD_TRUE_REWARD:
+                _rescale_tile(g_true_reward_ptr, start, n_reward, factor, BLOCK, ACC)
+            if GRAD_PRED_REWARD:
+                _rescale_tile(g_pred_reward_ptr, start, n_reward, factor, BLOCK, ACC)
+    else:
+        if reco_want != reco_have:
+            factor = reco_want / reco_have
+            start = (pid - latent_programs - reward_programs).to(tl.int64) * BLOCK
+            if GRAD_PIXELS:
+                _rescale_tile(g_pixels_ptr, start, n_image, factor, BLOCK, ACC)
+            if GRAD_RECO:
+                _rescale_tile(g_reco_ptr, start, n_image, factor, BLOCK, ACC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> tuple[torch.dtype, tl.dtype]:
+    """fp64 accumulation when any input is fp64, fp32 otherwise."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when ``t``'s elements fill a contiguous stretch of memory in some dim order."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat_images(pixels: torch.Tensor, reco: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two image tensors, readable as flat arrays in the same element order.
+
+    Dense tensors that share a layout (contiguous, channels_last, any permutation) are used as they
+    are: the image reduction is flat, so the order does not matter. Anything else is copied once.
+    """
+    if pixels.stride() == reco.stride() and _is_dense(pixels):
+        return pixels, reco
+    return pixels.contiguous(), reco.contiguous()
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """Grid segments and tile sizes of one forward call."""
+
+    block_r: int
+    block_d: int
+    kl_programs: int
+    reward_programs: int
+    image_programs: int
+
+    @property
+    def programs(self) -> int:
+        return self.kl_programs + self.reward_programs + self.image_programs
+
+
+def _plan(shapes: LossShapes) -> _Launch:
+    block_d = min(triton.next_power_of_2(shapes.latent_dim), MAX_LATENT_BLOCK_D)
+    block_r = max(1, LATENT_TILE // block_d)
+    return _Launch(
+        block_r=block_r,
+        block_d=block_d,
+        kl_programs=triton.cdiv(shapes.rows, block_r),
+        reward_programs=triton.cdiv(shapes.rows, REWARD_BLOCK),
+        image_programs=triton.cdiv(shapes.image_numel, IMAGE_BLOCK),
+    )
+
+
+class FusedDreamerLossFunction(torch.autograd.Function):
+    """Autograd over the fused kernels.
+
+    ``forward`` computes the three losses and, in the same pass, ``d loss / d input`` for every
+    input in ``ctx.needs_input_grad``, as if ``grad_output`` were 1. ``backward`` rescales those
+    gradients in place on the device (no work when the scale is already right, no host sync) and
+    returns them. Backward may run more than once (``retain_graph=True``): each call rescales from
+    the scale the previous one left. The one case this cannot undo is a call with a ``grad_output``
+    of exactly 0 followed by one with a non-zero ``grad_output``: that gives non-finite gradients
+    (NaN or inf), never a silently wrong finite number. Double backward (``create_graph=True``) is not supported.
+    """
+
+    @staticmethod
+    def forward(ctx, prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
+                true_reward, pred_reward, shapes: LossShapes, opts: LossOptions,
+                grad_enabled: bool):
+        ctx.set_materialize_grads(False)
+        # Under torch.no_grad() autograd still reports needs_input_grad for inputs that require
+        # grad; the caller's grad mode says whether a backward can follow at all.
+        needs = ctx.needs_input_grad[:8] if grad_enabled else (False,) * 8
+        R, D = shapes.rows, shapes.latent_dim
+        latents = [t.reshape(R, D) for t in (prior_mean, prior_std, posterior_mean, posterior_std)]
+        images = _flat_images(pixels, reco_pixels)
+        rewards = [t.reshape(-1).contiguous() for t in (true_reward, pred_reward)]
+        acc_torch, acc = _acc_dtype(prior_mean, pixels, true_reward)
+        launch = _plan(shapes)
+        device = prior_mean.device
+
+        # Gradients: latents and rewards contiguous; images in the layout of the flat image pair.
+        grads = (
+            [torch.empty((R, D), dtype=t.dtype, device=device) if n else None
+             for t, n in zip(latents, needs[0:4])]
+            + [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device) if n else None
+               for t, n in zip(images, needs[4:6])]
+            + [torch.empty(R, dtype=t.dtype, device=device) if n else None
+               for t, n in zip(rewards, needs[6:8])]
+        )
+        # Absent gradients get a harmless pointer: the kernels never touch it (constexpr flags).
+        g_ptrs = [prior_mean if g is None else g for g in grads]
+
+        kl_count = R * D if opts.global_average else R
+        reco_count = shapes.image_numel if opts.global_average else R
+        reward_count = R
+        partials = torch.empty(launch.programs, dtype=acc_torch, device=device)
+        strides = [s for t in latents for s in t.stride()]
+        _dreamer_loss_fwd_kernel[(launch.programs,)](
+            *latents, *strides, *g_ptrs[0:4],
+            *images, *g_ptrs[4:6],
+            *rewards, *g_ptrs[6:8],
+            partials,
+            R, D, shapes.image_numel, R, launch.kl_programs, launch.reward_programs,
+            opts.free_nats, opts.lambda_kl / kl_count, opts.lambda_reco / reco_count,
+            opts.lambda_reward / reward_count,
+            GLOBAL_AVERAGE=opts.global_average, DELAYED_CLAMP=opts.delayed_clamp,
+            RECO_KIND=DISTANCE_KIND[opts.reco_loss], REWARD_KIND=DISTANCE_KIND[opts.reward_loss],
+            GRAD_PM=needs[0], GRAD_PS=needs[1], GRAD_QM=needs[2], GRAD_QS=needs[3],
+            GRAD_PIXELS=needs[4], GRAD_RECO=needs[5],
+            GRAD_TRUE_REWARD=needs[6], GRAD_PRED_REWARD=needs[7],
+            BLOCK_R=launch.block_r, BLOCK_D=launch.block_d,
+            IMAGE_BLOCK=IMAGE_BLOCK, REWARD_BLOCK=REWARD_BLOCK, ACC=acc,
+            num_warps=NUM_WARPS,
+        )
+        out_kl = torch.empty((), dtype=prior_mean.dtype, device=device)
+        out_reco = torch.empty((), dtype=pixels.dtype, device=device)
+        out_reward = torch.empty((), dtype=true_reward.dtype, device=device)
+        state = torch.empty(STATE_SIZE, dtype=acc_torch, device=device)
+        _dreamer_loss_finalize_kernel[(1,)](
+            partials, launch.kl_programs, launch.reward_programs, launch.programs,
+            out_kl, out_reco, out_reward, state,
+            opts.free_nats, opts.lambda_kl, opts.lambda_reco, opts.lambda_reward,
+            float(kl_count), float(reco_count), float(reward_count),
+            DELAYED_CLAMP=opts.delayed_clamp, BLOCK=FINALIZE_BLOCK, ACC=acc,
+        )
+        if any(needs):
+            ctx.save_for_backward(state, *grads)
+            ctx.input_shapes = [t.shape for t in (prior_mean, prior_std, posterior_mean,
+                                                  posterior_std, true_reward, pred_reward)]
+            ctx.sizes = (R * D, shapes.image_numel, R)
+            ctx.acc = acc
+            ctx.backward_calls = 0
+        return out_kl, out_reco, out_reward
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl, grad_reco, grad_reward):
+        state, *grads = ctx.saved_tensors
+        active = [g is not None for g in (grad_kl, grad_reco, grad_reward)]
+        has = [g is not None for g in grads]
+        kl_active = active[0] and any(has[0:4])
+        reco_active = active[1] and any(has[4:6])
+        reward_active = active[2] and any(has[6:8])
+        n_latent, n_image, n_reward = ctx.sizes
+        latent_programs = triton.cdiv(n_latent, BACKWARD_BLOCK) if kl_active else 0
+        reward_programs = triton.cdiv(n_reward, BACKWARD_BLOCK) if reward_active else 0
+        image_programs = triton.cdiv(n_image, BACKWARD_BLOCK) if reco_active else 0
+        programs = latent_programs + reward_programs + image_programs
+        if programs:
+            ptrs = [state if g is None else g for g in grads]
+            outs = [state if g is None else g for g in (grad_kl, grad_reco, grad_reward)]
+            _dreamer_loss_bwd_kernel[(programs,)](
+                *ptrs, *outs, state, ctx.backward_calls % 2,
+                n_latent, n_image, n_reward, latent_programs, reward_programs,
+                KL_ACTIVE=kl_active, RECO_ACTIVE=reco_active, REWARD_ACTIVE=reward_active,
+                GRAD_PM=has[0], GRAD_PS=has[1], GRAD_QM=has[2], GRAD_QS=has[3],
+                GRAD_PIXELS=has[4], GRAD_RECO=has[5],
+                GRAD_TRUE_REWARD=has[6], GRAD_PRED_REWARD=has[7],
+                BLOCK=BACKWARD_BLOCK, ACC=ctx.acc, num_warps=NUM_WARPS,
+            )
+            ctx.backward_calls += 1
+        shapes = ctx.input_shapes
+        g_pm, g_ps, g_qm, g_qs, g_x, g_y, g_tr, g_pr = grads
+        latent_out = [g.view(s) if (g is not None and kl_active) else None
+                      for g, s in zip((g_pm, g_ps, g_qm, g_qs), shapes[0:4])]
+        image_out = [g if reco_active else None for g in (g_x, g_y)]
+        reward_out = [g.view(s) if (g is not None and reward_active) else None
+                      for g, s in zip((g_tr, g_pr), shapes[4:6])]
+        return (*latent_out, *image_out, *reward_out, None, None, None)
+
+
+def fused_dreamer_model_loss(prior_mean, prior_std, posterior_mean, posterior_std, pixels,
+                             reco_pixels, true_reward, pred_reward, shapes: LossShapes,
+                             opts: LossOptions):
+    """Run the fused kernels on validated inputs (see :func:`fused_dreamer_loss.dreamer_model_loss`)."""
+    return FusedDreamerLossFunction.apply(prior_mean, prior_std, posterior_mean, posterior_std,
+                                          pixels, reco_pixels, true_reward, pred_reward, shapes,
+                                          opts, torch.is_grad_enabled())
