@@ -21,6 +21,13 @@ IMAGE_NAMES = ("pixels", "reco_pixels")
 REWARD_NAMES = ("true_reward", "pred_reward")
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` itself, if it is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 @dataclass(frozen=True)
 class LossOptions:
     """The scalar options of the Dreamer model loss, checked once at construction."""

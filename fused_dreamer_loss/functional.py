@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._validation import BACKENDS, LossOptions, validate_inputs
+from ._validation import LossOptions, check_backend, validate_inputs
 
 
 def _triton_kernels():
@@ -21,9 +21,7 @@ def _triton_kernels():
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``"triton"`` or ``"torch"`` for inputs on ``device``; raises if ``backend`` cannot run there."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if check_backend(backend) == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda" and not _triton_kernels().INTERPRET:
         raise RuntimeError(
