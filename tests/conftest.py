@@ -24,7 +24,7 @@ def small_blocks(monkeypatch):
     finalize steps, as large inputs do on a GPU."""
     from fused_dreamer_loss.kernels import dreamer_loss as k
 
-    monkeypatch.setattr(k, "IMAGE_BLOCK", 64)
+    monkeypatch.setattr(k, "IMAGE_TILE_BYTES", 256)
     monkeypatch.setattr(k, "REWARD_BLOCK", 4)
     monkeypatch.setattr(k, "LATENT_TILE", 16)
     monkeypatch.setattr(k, "MAX_LATENT_BLOCK_D", 4)

@@ -12,8 +12,9 @@ Launches:
                                (bitwise deterministic, no atomics), applies the delayed clamp and
                                the lambdas, and writes the three losses
     backward  at most 1        scales the gradients made in forward by ``grad_output`` (and the
-                               delayed-clamp mask), in place, deciding on the device: a program whose
-                               scale is unchanged returns without touching memory
+                               delayed-clamp mask), in place, deciding on the device: a grid of a
+                               few programs per multiprocessor; when no scale changes they return
+                               without touching memory
 
 The math, per element, with ``diff = pm − qm`` (p = prior, q = posterior; see ``reference.py``):
 
@@ -34,6 +35,7 @@ by zero (torch's ``clamp_min`` passes the gradient where ``x >= free_nats``).
 
 # No `from __future__ import annotations` here: Triton reads the "fp64" scalar annotations as
 # written, and postponed evaluation would turn them into quoted strings.
+import functools
 import os
 from dataclasses import dataclass
 
@@ -49,18 +51,23 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 DISTANCE_KIND = {"l2": 0, "l1": 1, "smooth_l1": 2}
 
-#: Elements of one image program's tile.
-IMAGE_BLOCK = 4096
+#: Bytes of one image program's tile, per tensor (4096 float32 or 8192 bfloat16 elements).
+IMAGE_TILE_BYTES = 16384
 #: Elements of one reward program's tile.
 REWARD_BLOCK = 1024
 #: Elements of one KL program's [rows, latents] tile.
 LATENT_TILE = 2048
 #: Widest latent chunk a KL program holds at once; wider latents loop over chunks.
 MAX_LATENT_BLOCK_D = 1024
-#: Elements of one program in the in-place backward scale.
+#: Elements of one tile in the in-place backward scale.
 BACKWARD_BLOCK = 4096
+#: Backward programs per multiprocessor; each loops over tiles (grid-stride), so that a backward
+#: with nothing to rescale is a few hundred programs that return at once, not one per tile.
+BACKWARD_PROGRAMS_PER_SM = 4
+#: Backward programs under Triton's interpreter (no multiprocessors to count).
+INTERPRETER_BACKWARD_PROGRAMS = 4
 #: Partials one finalize step reads.
-FINALIZE_BLOCK = 1024
+FINALIZE_BLOCK = 4096
 NUM_WARPS = 8
 
 # Layout of the small per-call state buffer: the delayed-clamp keep flag (1 or 0), then two slots of
@@ -307,7 +314,7 @@ def _dreamer_loss_bwd_kernel(
     g_pm_ptr, g_ps_ptr, g_qm_ptr, g_qs_ptr, g_pixels_ptr, g_reco_ptr,
     g_true_reward_ptr, g_pred_reward_ptr,
     grad_kl_ptr, grad_reco_ptr, grad_reward_ptr, state_ptr, slot,
-    n_latent, n_image, n_reward, latent_programs, reward_programs,
+    n_latent, n_image, n_reward,
     KL_ACTIVE: tl.constexpr, RECO_ACTIVE: tl.constexpr, REWARD_ACTIVE: tl.constexpr,
     GRAD_PM: tl.constexpr, GRAD_PS: tl.constexpr, GRAD_QM: tl.constexpr, GRAD_QS: tl.constexpr,
     GRAD_PIXELS: tl.constexpr, GRAD_RECO: tl.constexpr,
@@ -316,11 +323,14 @@ def _dreamer_loss_bwd_kernel(
 ):
     """Rescale the forward's gradients from the scale they carry to ``grad_output × keep``.
 
-    Segments as in the forward (latents | reward | image), flat over the contiguous gradients.
-    A program whose term already carries the wanted scale (the usual ``grad_output == 1``) does no
-    memory traffic. Program 0 records the new scales in the other slot of the state buffer.
+    Flat over the contiguous gradients, tile by tile, each program taking every ``num_programs``-th
+    tile of each term. A term that already carries the wanted scale (the usual
+    ``grad_output == 1``) costs no memory traffic. Program 0 records the new scales in the other
+    slot of the state buffer.
     """
     pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    first = pid.to(tl.int64)
     kl_want, kl_have = _term_scale(grad_kl_ptr, state_ptr, slot, 0, KL_ACTIVE, ACC)
     reco_want, reco_have = _term_scale(grad_reco_ptr, state_ptr, slot, 1, RECO_ACTIVE, ACC)
     rew_want, rew_have = _term_scale(grad_reward_ptr, state_ptr, slot, 2, REWARD_ACTIVE, ACC)
@@ -329,34 +339,37 @@ def _dreamer_loss_bwd_kernel(
         tl.store(next_slot + 0, kl_want)
         tl.store(next_slot + 1, reco_want)
         tl.store(next_slot + 2, rew_want)
-    if pid < latent_programs:
+    if KL_ACTIVE:
         if kl_want != kl_have:
             factor = kl_want / kl_have
-            start = pid.to(tl.int64) * BLOCK
-            if GRAD_PM:
-                _rescale_tile(g_pm_ptr, start, n_latent, factor, BLOCK, ACC)
-            if GRAD_PS:
-                _rescale_tile(g_ps_ptr, start, n_latent, factor, BLOCK, ACC)
-            if GRAD_QM:
-                _rescale_tile(g_qm_ptr, start, n_latent, factor, BLOCK, ACC)
-            if GRAD_QS:
-                _rescale_tile(g_qs_ptr, start, n_latent, factor, BLOCK, ACC)
-    elif pid < latent_programs + reward_programs:
+            for tile in range(first, tl.cdiv(n_latent, BLOCK), programs):
+                start = tile * BLOCK
+                if GRAD_PM:
+                    _rescale_tile(g_pm_ptr, start, n_latent, factor, BLOCK, ACC)
+                if GRAD_PS:
+                    _rescale_tile(g_ps_ptr, start, n_latent, factor, BLOCK, ACC)
+                if GRAD_QM:
+                    _rescale_tile(g_qm_ptr, start, n_latent, factor, BLOCK, ACC)
+                if GRAD_QS:
+                    _rescale_tile(g_qs_ptr, start, n_latent, factor, BLOCK, ACC)
+    if REWARD_ACTIVE:
         if rew_want != rew_have:
             factor = rew_want / rew_have
-            start = (pid - latent_programs).to(tl.int64) * BLOCK
-            if GRAD_TRUE_REWARD:
-                _rescale_tile(g_true_reward_ptr, start, n_reward, factor, BLOCK, ACC)
-            if GRAD_PRED_REWARD:
-                _rescale_tile(g_pred_reward_ptr, start, n_reward, factor, BLOCK, ACC)
-    else:
+            for tile in range(first, tl.cdiv(n_reward, BLOCK), programs):
+                start = tile * BLOCK
+                if GRAD_TRUE_REWARD:
+                    _rescale_tile(g_true_reward_ptr, start, n_reward, factor, BLOCK, ACC)
+                if GRAD_PRED_REWARD:
+                    _rescale_tile(g_pred_reward_ptr, start, n_reward, factor, BLOCK, ACC)
+    if RECO_ACTIVE:
         if reco_want != reco_have:
             factor = reco_want / reco_have
-            start = (pid - latent_programs - reward_programs).to(tl.int64) * BLOCK
-            if GRAD_PIXELS:
-                _rescale_tile(g_pixels_ptr, start, n_image, factor, BLOCK, ACC)
-            if GRAD_RECO:
-                _rescale_tile(g_reco_ptr, start, n_image, factor, BLOCK, ACC)
+            for tile in range(first, tl.cdiv(n_image, BLOCK), programs):
+                start = tile * BLOCK
+                if GRAD_PIXELS:
+                    _rescale_tile(g_pixels_ptr, start, n_image, factor, BLOCK, ACC)
+                if GRAD_RECO:
+                    _rescale_tile(g_reco_ptr, start, n_image, factor, BLOCK, ACC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +411,7 @@ class _Launch:
 
     block_r: int
     block_d: int
+    image_block: int
     kl_programs: int
     reward_programs: int
     image_programs: int
@@ -407,16 +421,25 @@ class _Launch:
         return self.kl_programs + self.reward_programs + self.image_programs
 
 
-def _plan(shapes: LossShapes) -> _Launch:
+def _plan(shapes: LossShapes, image_itemsize: int) -> _Launch:
     block_d = min(triton.next_power_of_2(shapes.latent_dim), MAX_LATENT_BLOCK_D)
     block_r = max(1, LATENT_TILE // block_d)
+    image_block = IMAGE_TILE_BYTES // image_itemsize
     return _Launch(
         block_r=block_r,
         block_d=block_d,
+        image_block=image_block,
         kl_programs=triton.cdiv(shapes.rows, block_r),
         reward_programs=triton.cdiv(shapes.rows, REWARD_BLOCK),
-        image_programs=triton.cdiv(shapes.image_numel, IMAGE_BLOCK),
+        image_programs=triton.cdiv(shapes.image_numel, image_block),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_BACKWARD_PROGRAMS
+    return BACKWARD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class FusedDreamerLossFunction(torch.autograd.Function):
@@ -444,7 +467,7 @@ class FusedDreamerLossFunction(torch.autograd.Function):
         images = _flat_images(pixels, reco_pixels)
         rewards = [t.reshape(-1).contiguous() for t in (true_reward, pred_reward)]
         acc_torch, acc = _acc_dtype(prior_mean, pixels, true_reward)
-        launch = _plan(shapes)
+        launch = _plan(shapes, pixels.element_size())
         device = prior_mean.device
 
         # Gradients: latents and rewards contiguous; images in the layout of the flat image pair.
@@ -478,7 +501,7 @@ class FusedDreamerLossFunction(torch.autograd.Function):
             GRAD_PIXELS=needs[4], GRAD_RECO=needs[5],
             GRAD_TRUE_REWARD=needs[6], GRAD_PRED_REWARD=needs[7],
             BLOCK_R=launch.block_r, BLOCK_D=launch.block_d,
-            IMAGE_BLOCK=IMAGE_BLOCK, REWARD_BLOCK=REWARD_BLOCK, ACC=acc,
+            IMAGE_BLOCK=launch.image_block, REWARD_BLOCK=REWARD_BLOCK, ACC=acc,
             num_warps=NUM_WARPS,
         )
         out_kl = torch.empty((), dtype=prior_mean.dtype, device=device)
@@ -490,7 +513,7 @@ class FusedDreamerLossFunction(torch.autograd.Function):
             out_kl, out_reco, out_reward, state,
             opts.free_nats, opts.lambda_kl, opts.lambda_reco, opts.lambda_reward,
             float(kl_count), float(reco_count), float(reward_count),
-            DELAYED_CLAMP=opts.delayed_clamp, BLOCK=FINALIZE_BLOCK, ACC=acc,
+            DELAYED_CLAMP=opts.delayed_clamp, BLOCK=FINALIZE_BLOCK, ACC=acc, num_warps=NUM_WARPS,
         )
         if any(needs):
             ctx.save_for_backward(state, *grads)
@@ -511,16 +534,14 @@ class FusedDreamerLossFunction(torch.autograd.Function):
         reco_active = active[1] and any(has[4:6])
         reward_active = active[2] and any(has[6:8])
         n_latent, n_image, n_reward = ctx.sizes
-        latent_programs = triton.cdiv(n_latent, BACKWARD_BLOCK) if kl_active else 0
-        reward_programs = triton.cdiv(n_reward, BACKWARD_BLOCK) if reward_active else 0
-        image_programs = triton.cdiv(n_image, BACKWARD_BLOCK) if reco_active else 0
-        programs = latent_programs + reward_programs + image_programs
-        if programs:
+        tiles = max(triton.cdiv(n, BACKWARD_BLOCK) for n, on in
+                    ((n_latent, kl_active), (n_image, reco_active), (n_reward, reward_active))
+                    if on) if (kl_active or reco_active or reward_active) else 0
+        if tiles:
             ptrs = [state if g is None else g for g in grads]
             outs = [state if g is None else g for g in (grad_kl, grad_reco, grad_reward)]
-            _dreamer_loss_bwd_kernel[(programs,)](
-                *ptrs, *outs, state, ctx.backward_calls % 2,
-                n_latent, n_image, n_reward, latent_programs, reward_programs,
+            _dreamer_loss_bwd_kernel[(min(tiles, _backward_programs(state.device)),)](
+                *ptrs, *outs, state, ctx.backward_calls % 2, n_latent, n_image, n_reward,
                 KL_ACTIVE=kl_active, RECO_ACTIVE=reco_active, REWARD_ACTIVE=reward_active,
                 GRAD_PM=has[0], GRAD_PS=has[1], GRAD_QM=has[2], GRAD_QS=has[3],
                 GRAD_PIXELS=has[4], GRAD_RECO=has[5],
