@@ -134,6 +134,20 @@ def step_fn(fn: Callable, inputs: list[torch.Tensor], mode: str) -> Callable[[],
     return step
 
 
+def graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (after warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def timed(steps: list[Callable[[], None]], cuda: bool) -> float:
     """Median milliseconds of one step, rotating through the input sets."""
     turn = [0]
@@ -179,7 +193,8 @@ def check_fused(inputs: list[torch.Tensor], reco_loss: str) -> str | None:
     return None
 
 
-def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy) -> Row:
+def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy,
+               cuda_graph: bool = False) -> Row:
     batch, steps_, image, latent_dim = PRESETS[preset]
     frames, dtype = batch * steps_, DTYPES[dtype_name]
     row = Row(impl, preset, frames, list(image), latent_dim, dtype_name, mode, None, None, None)
@@ -218,6 +233,13 @@ def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy) -> Row:
         steps[0]()
         torch.cuda.synchronize()
         row.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    if cuda_graph:
+        try:
+            steps = [graphed(step) for step in steps]
+        except Exception as exc:  # report, do not hide, an implementation that cannot be captured
+            row.status = f"skipped: CUDA graph capture failed: {type(exc).__name__}"
+            return row
+        row.extra["cuda_graph"] = True
     row.median_ms = timed(steps, cuda)
     nbytes = minimal_bytes(frames, math.prod(image), latent_dim, dtype.itemsize, mode)
     row.gbps = nbytes / row.median_ms / 1e6
@@ -229,7 +251,8 @@ def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy) -> Row:
 def markdown(report: dict) -> str:
     lines = [
         f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
-        f"device-to-device copy: {report['copy_gbps'] or 0:.0f} GB/s (bytes read + written).",
+        f"device-to-device copy: {report['copy_gbps'] or 0:.0f} GB/s (bytes read + written)"
+        f"{'; timed as CUDA-graph replays' if report.get('cuda_graph') else ''}.",
         "",
         "| impl | preset | dtype | mode | median ms | GB/s | of copy | peak MiB | vs eager | status |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -303,6 +326,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="reconstruction distance. Default: l2")
     p.add_argument("--device", choices=["cuda", "cpu"],
                    help="Default: cuda when available")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time replays of each step captured in a CUDA graph: the device time "
+                        "without Python and launch overhead (as in a graph-captured training "
+                        "step). CUDA only")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results table as Markdown")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time per implementation and "
@@ -312,6 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.cuda_graph and args.device != "cuda":
+        p.error("--cuda-graph needs --device cuda")
     if args.preset is None:
         args.preset = ["small", "default"] if args.device == "cuda" else ["tiny"]
     return args
@@ -328,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         triton_version = None
     copy = copy_gbps() if cuda else None
     report = {"device": device_name, "torch": torch.__version__, "triton": triton_version,
-              "copy_gbps": copy, "results": []}
+              "copy_gbps": copy, "cuda_graph": args.cuda_graph, "results": []}
     print(f"{device_name}: copy {copy or 0:.0f} GB/s", flush=True)
     rows: list[Row] = []
     for preset in args.preset:
@@ -336,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
             for mode in args.mode:
                 for impl in args.impl:
                     print(f"  {preset:>7} {dtype:>8} {mode:>7} {impl:>8} ...", end="", flush=True)
-                    row = run_config(impl, preset, dtype, mode, args.reco_loss, args.device, copy)
+                    row = run_config(impl, preset, dtype, mode, args.reco_loss, args.device, copy,
+                                     args.cuda_graph)
                     rows.append(row)
                     shown = f"{row.median_ms:.3f} ms" if row.median_ms is not None else row.status
                     print(f" {shown}", flush=True)

@@ -43,7 +43,7 @@ def test_minimal_bytes_counts_each_tensor_once():
 
 @pytest.mark.parametrize("argv", [
     ["--preset", "huge"], ["--dtype", "int8"], ["--mode", "bwd"], ["--impl", "numpy"],
-    ["--reco-loss", "l3"], ["--frames", "3"],
+    ["--reco-loss", "l3"], ["--frames", "3"], ["--device", "cpu", "--cuda-graph"],
 ])
 def test_bad_arguments_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:

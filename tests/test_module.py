@@ -91,8 +91,20 @@ def assert_parity(theirs, ours):
     assert o_grads.keys() == t_grads.keys() and o_grads
     for name in t_grads:
         scale = float(t_grads[name].abs().max()) or 1.0
-        torch.testing.assert_close(o_grads[name], t_grads[name], rtol=1e-4, atol=1e-5 * scale,
+        # Parameter gradients are sums over the batch in which terms cancel; the loss's own rounding
+        # (a different reduction order) shows up relative to the gradient's scale.
+        torch.testing.assert_close(o_grads[name], t_grads[name], rtol=1e-4, atol=5e-5 * scale,
                                    msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """On CUDA, cuDNN convolutions default to TF32, whose 1e-3 rounding swamps the loss-level
+    differences these tests compare; the world model runs in full float32 here."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(scope="module")
