@@ -6,6 +6,7 @@ so validation never synchronises the host with the device.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -61,16 +62,18 @@ class LossOptions:
 
 @dataclass(frozen=True)
 class LossShapes:
-    """What the kernels need to know about the shapes: rows = prod(*B)."""
+    """What the kernels need to know about the inputs: rows = prod(*B), and the dtype of each loss
+    (its term's tensors promoted, as torch's arithmetic does)."""
 
     batch_shape: torch.Size
     rows: int
     latent_dim: int
     image_numel: int
+    loss_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]
 
 
-def _check_group(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
-    """Same shape and dtype within one loss term."""
+def _check_group(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> torch.dtype:
+    """Same shape within one loss term; returns the term's promoted dtype."""
     first_name, first = names[0], tensors[0]
     for name, tensor in zip(names[1:], tensors[1:]):
         if tensor.shape != first.shape:
@@ -78,11 +81,7 @@ def _check_group(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> N
                 f"{name} has shape {tuple(tensor.shape)} but {first_name} has shape "
                 f"{tuple(first.shape)}; they must match"
             )
-        if tensor.dtype != first.dtype:
-            raise TypeError(
-                f"{name} has dtype {tensor.dtype} but {first_name} has dtype {first.dtype}; "
-                "the tensors of one loss term must share a dtype"
-            )
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
 
 
 def validate_inputs(
@@ -98,8 +97,8 @@ def validate_inputs(
     """Check the eight input tensors and return their shape summary.
 
     Raises:
-        TypeError: a non-tensor, a dtype that is not float16/bfloat16/float32/float64, or dtypes that
-            differ within a loss term.
+        TypeError: a non-tensor, or a dtype that is not float16/bfloat16/float32/float64. Float
+            dtypes may differ within a term: its loss takes their promoted dtype.
         ValueError: mismatched shapes, batch dims that disagree, an empty batch or latent dim, a reward
             whose last dim is not 1, or tensors on different devices.
     """
@@ -119,9 +118,9 @@ def validate_inputs(
         placed = ", ".join(f"{name} on {tensor.device}" for name, tensor in zip(names, tensors))
         raise ValueError(f"all inputs must be on one device, got {placed}")
 
-    _check_group(LATENT_NAMES, tensors[0:4])
-    _check_group(IMAGE_NAMES, tensors[4:6])
-    _check_group(REWARD_NAMES, tensors[6:8])
+    loss_dtypes = (_check_group(LATENT_NAMES, tensors[0:4]),
+                   _check_group(IMAGE_NAMES, tensors[4:6]),
+                   _check_group(REWARD_NAMES, tensors[6:8]))
 
     if prior_mean.dim() < 2:
         raise ValueError(
@@ -147,4 +146,4 @@ def validate_inputs(
             f"true_reward must have shape [*B, 1] = {(*batch_shape, 1)} to match the latents' "
             f"batch dims, got {tuple(true_reward.shape)}"
         )
-    return LossShapes(batch_shape, rows, latent_dim, pixels.numel())
+    return LossShapes(batch_shape, rows, latent_dim, pixels.numel(), loss_dtypes)

@@ -248,6 +248,50 @@ def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy,
     return row
 
 
+def run_train_step(impl: str, preset: str, dtype_name: str, reco_loss: str, device: str) -> Row:
+    """One optimizer step of :class:`~fused_dreamer_loss.models.ConvWorldModel` with the loss of
+    ``impl`` (fused or eager), under autocast for half dtypes."""
+    from .models import ConvWorldModel
+
+    batch, steps_, image, latent_dim = PRESETS[preset]
+    cuda = device == "cuda"
+    row = Row(impl, preset, batch * steps_, list(image), latent_dim, dtype_name, "train-step",
+              None, None, None, extra={"workload": "train-step"})
+    if impl not in ("fused", "eager"):
+        row.status = "skipped: train-step compares fused with eager"
+        return row
+    if impl == "fused" and not cuda:
+        row.status = "skipped: the fused kernels need a CUDA device"
+        return row
+    torch.manual_seed(0)
+    model = ConvWorldModel(image, latent_dim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    dtype = DTYPES[dtype_name]
+    loss = loss_fn(impl, reco_loss)
+
+    def frames_and_rewards(seed):
+        g = torch.Generator(device).manual_seed(seed)
+        return (torch.rand(batch, steps_, *image, generator=g, device=device),
+                torch.randn(batch, steps_, 1, generator=g, device=device))
+
+    sets = [frames_and_rewards(seed) for seed in range(ROTATION if cuda else 1)]
+
+    def make_step(pixels, reward):
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                pm, ps, qm, qs, reco, pred_reward = model(pixels)
+            terms = loss(pm, ps, qm, qs, pixels, reco, reward, pred_reward)
+            sum(t.float() for t in terms).backward()
+            optimizer.step()
+        return step
+
+    steps = [make_step(*s) for s in sets]
+    steps[0]()
+    row.median_ms = timed(steps, cuda)
+    return row
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
@@ -330,6 +374,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="time replays of each step captured in a CUDA graph: the device time "
                         "without Python and launch overhead (as in a graph-captured training "
                         "step). CUDA only")
+    p.add_argument("--workload", choices=["loss", "train-step"], default="loss",
+                   help="loss: the loss alone; train-step: one optimizer step of a small conv "
+                        "world model (fused_dreamer_loss.models) with the fused vs the eager "
+                        "loss, to see what the loss speed-up is worth in a real step. "
+                        "Default: loss")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results table as Markdown")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time per implementation and "
@@ -360,7 +409,16 @@ def main(argv: list[str] | None = None) -> dict:
               "copy_gbps": copy, "cuda_graph": args.cuda_graph, "results": []}
     print(f"{device_name}: copy {copy or 0:.0f} GB/s", flush=True)
     rows: list[Row] = []
-    for preset in args.preset:
+    if args.workload == "train-step":
+        for preset in args.preset:
+            for dtype in args.dtype:
+                for impl in args.impl:
+                    print(f"  {preset:>7} {dtype:>8} train-step {impl:>8} ...", end="", flush=True)
+                    row = run_train_step(impl, preset, dtype, args.reco_loss, args.device)
+                    rows.append(row)
+                    shown = f"{row.median_ms:.3f} ms" if row.median_ms is not None else row.status
+                    print(f" {shown}", flush=True)
+    for preset in args.preset if args.workload == "loss" else []:
         for dtype in args.dtype:
             for mode in args.mode:
                 for impl in args.impl:

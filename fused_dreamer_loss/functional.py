@@ -76,10 +76,12 @@ def dreamer_model_loss(
 
     Returns:
         ``(loss_kl, loss_reco, loss_reward)``: 0-dim tensors, each with its lambda applied and the
-        dtype of its term's inputs; accumulation is in float32 (float64 for float64 inputs).
+        dtype of its term's inputs (promoted, as torch's arithmetic does, where they differ);
+        accumulation is in float32 (float64 when an input is float64). Gradients take the dtype
+        of their input.
 
     Raises:
-        TypeError: non-tensor or non-floating inputs, or dtypes that differ within one term.
+        TypeError: non-tensor inputs, or dtypes other than float16/bfloat16/float32/float64.
         ValueError: shapes or batch dims that disagree, an empty batch, inputs on several devices,
             an unknown ``reco_loss``, ``reward_loss`` or ``backend``.
         RuntimeError: ``backend="triton"`` where Triton cannot run.

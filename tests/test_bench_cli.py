@@ -74,3 +74,15 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
         bench.main(["--preset", "tiny", "--device", "cpu", "--impl", "eager", "--mode", "fwd",
                     "--plot", str(tmp_path / "p.png")])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_step_workload_on_cpu(tmp_path, dtype):
+    out = tmp_path / "train.json"
+    bench.main(["--workload", "train-step", "--preset", "tiny", "--device", "cpu", "--dtype",
+                dtype, "--impl", "fused", "eager", "--json", str(out)])
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows.keys() == {"fused", "eager"}
+    assert rows["fused"]["status"].startswith("skipped")
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["median_ms"] > 0
+    assert rows["eager"]["mode"] == "train-step" and rows["eager"]["dtype"] == dtype

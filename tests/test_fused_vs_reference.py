@@ -297,6 +297,25 @@ def test_auto_backend_matches_torch_backend(device):
         torch.testing.assert_close(a, f, rtol=1e-5, atol=1e-6)
 
 
+def test_dtypes_mixed_within_a_term_promote(device):
+    """As under autocast: bf16 network outputs beside float32 ones. Each loss takes its term's
+    promoted dtype, each gradient its input's dtype; the numbers are the reference's."""
+    inputs = make_inputs((3, 4), 6, (3, 4, 5), torch.float32, device, seed=18, requires_grad=False)
+    low = (0, 3, 5, 7)  # prior_mean, posterior_std, reco_pixels, pred_reward in bfloat16
+    inputs = [(t.to(torch.bfloat16) if i in low else t).requires_grad_()
+              for i, t in enumerate(inputs)]
+    losses = dreamer_model_loss(*inputs, backend="triton", free_nats=0.5)
+    assert [loss.dtype for loss in losses] == [torch.float32] * 3
+    grads = torch.autograd.grad(losses, inputs)
+    ref_losses, ref_grads = oracle(inputs, free_nats=0.5)
+    for name, loss, ref in zip(("kl", "reco", "reward"), losses, ref_losses):
+        torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=0, msg=name)
+    for name, g, r, t in zip(NAMES, grads, ref_grads, inputs):
+        assert_close(g, r, t.dtype, f"grad {name}")
+    torch_losses = dreamer_model_loss(*inputs, backend="torch", free_nats=0.5)
+    assert [loss.dtype for loss in torch_losses] == [torch.float32] * 3
+
+
 @pytest.mark.parametrize("dtypes", list(itertools.product(DTYPES, repeat=2))[1:4], ids=str)
 def test_terms_may_have_different_dtypes(device, dtypes):
     """Each loss takes its own term's dtype, as torchrl's does."""

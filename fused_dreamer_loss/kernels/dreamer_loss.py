@@ -466,7 +466,7 @@ class FusedDreamerLossFunction(torch.autograd.Function):
         latents = [t.reshape(R, D) for t in (prior_mean, prior_std, posterior_mean, posterior_std)]
         images = _flat_images(pixels, reco_pixels)
         rewards = [t.reshape(-1).contiguous() for t in (true_reward, pred_reward)]
-        acc_torch, acc = _acc_dtype(prior_mean, pixels, true_reward)
+        acc_torch, acc = _acc_dtype(*latents, *images, *rewards)
         launch = _plan(shapes, pixels.element_size())
         device = prior_mean.device
 
@@ -504,9 +504,8 @@ class FusedDreamerLossFunction(torch.autograd.Function):
             IMAGE_BLOCK=launch.image_block, REWARD_BLOCK=REWARD_BLOCK, ACC=acc,
             num_warps=NUM_WARPS,
         )
-        out_kl = torch.empty((), dtype=prior_mean.dtype, device=device)
-        out_reco = torch.empty((), dtype=pixels.dtype, device=device)
-        out_reward = torch.empty((), dtype=true_reward.dtype, device=device)
+        out_kl, out_reco, out_reward = (torch.empty((), dtype=d, device=device)
+                                        for d in shapes.loss_dtypes)
         state = torch.empty(STATE_SIZE, dtype=acc_torch, device=device)
         _dreamer_loss_finalize_kernel[(1,)](
             partials, launch.kl_programs, launch.reward_programs, launch.programs,
