@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import reference
@@ -77,8 +79,9 @@ def dreamer_model_loss(
     Returns:
         ``(loss_kl, loss_reco, loss_reward)``: 0-dim tensors, each with its lambda applied and the
         dtype of its term's inputs (promoted, as torch's arithmetic does, where they differ);
-        accumulation is in float32 (float64 when an input is float64). Gradients take the dtype
-        of their input.
+        accumulation is in float32 (float64 when an input is float64). Under ``torch.autocast``
+        the losses are at least float32, as autocast makes torch's losses. Gradients take the
+        dtype of their input.
 
     Raises:
         TypeError: non-tensor inputs, or dtypes other than float16/bfloat16/float32/float64.
@@ -115,6 +118,10 @@ def dreamer_model_loss(
             reward_loss=opts.reward_loss, free_nats=opts.free_nats,
             delayed_clamp=opts.delayed_clamp, global_average=opts.global_average,
         )
+    if torch.is_autocast_enabled(prior_mean.device.type):
+        # Autocast computes losses (mse_loss, l1_loss, smooth_l1_loss) in float32: so do we.
+        shapes = dataclasses.replace(shapes, loss_dtypes=tuple(
+            torch.promote_types(d, torch.float32) for d in shapes.loss_dtypes))
     return _triton_kernels().fused_dreamer_model_loss(
         prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
         true_reward, pred_reward, shapes, opts,

@@ -26,11 +26,14 @@ class ConvWorldModel(nn.Module):
         latent_dim: size of the latent state.
         channels: width of the first convolution (the second has twice as many).
         embed_dim: size of the frame embedding.
+        stochastic: sample the latent state from the posterior (``True``, as Dreamer does) or
+            take its mean (reproducible runs, e.g. comparing data-parallel and single runs).
     """
 
     def __init__(self, image_shape=(3, 64, 64), latent_dim: int = 30, channels: int = 16,
-                 embed_dim: int = 128) -> None:
+                 embed_dim: int = 128, stochastic: bool = True) -> None:
         super().__init__()
+        self.stochastic = stochastic
         c, h, w = image_shape
         if h % 4 or w % 4:
             raise ValueError(f"image height and width must be divisible by 4, got {image_shape}")
@@ -62,7 +65,9 @@ class ConvWorldModel(nn.Module):
         # The prior at step t sees the embedding of step t - 1 (zeros before the first step).
         previous = torch.cat([torch.zeros_like(embed[..., :1, :]), embed[..., :-1, :]], dim=-2)
         prior_mean, prior_std = self._gaussian(self.prior(previous))
-        state = posterior_mean + posterior_std * torch.randn_like(posterior_std)
+        state = posterior_mean
+        if self.stochastic:
+            state = state + posterior_std * torch.randn_like(posterior_std)
         features = self.decoder_in(state).unflatten(-1, self.feature_shape)
         reco = self.decoder(features.flatten(0, -4)).unflatten(0, batch)
         return prior_mean, prior_std, posterior_mean, posterior_std, reco, self.reward(state)
