@@ -1,0 +1,37 @@
+"""Tile-size x warps sweep of the fused fwd+bwd step, timed as CUDA-graph replays (device time).
+
+    python bench/sweep.py            # prints one line per (preset, dtype, tile bytes, warps)
+"""
+
+import itertools
+
+import torch
+from triton.testing import do_bench
+
+from fused_dreamer_loss import bench, dreamer_model_loss
+from fused_dreamer_loss.kernels import dreamer_loss as k
+
+TILE_BYTES = (8192, 16384, 32768)
+WARPS = (4, 8, 16)
+CASES = (("small", "float32"), ("default", "float32"), ("default", "bfloat16"))
+
+copy = bench.copy_gbps()
+print(f"copy {copy:.0f} GB/s")
+for preset, dtype in CASES:
+    sets = [bench.make_inputs(preset, bench.DTYPES[dtype], "cuda", seed) for seed in range(3)]
+    batch, steps, image, latent = bench.PRESETS[preset]
+    nbytes = bench.minimal_bytes(batch * steps, 12288, latent, bench.DTYPES[dtype].itemsize,
+                                 "fwd+bwd")
+    for tile, warps in itertools.product(TILE_BYTES, WARPS):
+        k.IMAGE_TILE_BYTES, k.NUM_WARPS = tile, warps
+        replays = [bench.graphed(bench.step_fn(dreamer_model_loss, s, "fwd+bwd")) for s in sets]
+        turn = [0]
+
+        def rotate():
+            replays[turn[0] % 3]()
+            turn[0] += 1
+
+        ms = do_bench(rotate, warmup=50, rep=300, return_mode="median")
+        print(f"{preset:>8} {dtype:>8} tile {tile:>6} B warps {warps:>2}: {ms * 1e3:8.1f} us "
+              f"{nbytes / ms / 1e6 / copy:6.1%} of copy", flush=True)
+        torch.cuda.synchronize()
