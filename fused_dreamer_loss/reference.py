@@ -22,7 +22,11 @@ from ._validation import LossOptions, validate_inputs
 
 
 def distance(target: torch.Tensor, prediction: torch.Tensor, kind: str) -> torch.Tensor:
-    """Elementwise ``l2`` (x − y)², ``l1`` |x − y| or ``smooth_l1`` (beta 1) distance."""
+    """Elementwise ``l2`` (x − y)², ``l1`` |x − y| or ``smooth_l1`` (beta 1) distance, in the
+    promoted dtype of the two (explicitly: some torch releases fail the backward of a mixed-dtype
+    ``mse_loss``)."""
+    dtype = torch.promote_types(target.dtype, prediction.dtype)
+    target, prediction = target.to(dtype), prediction.to(dtype)
     if kind == "l2":
         return F.mse_loss(target, prediction, reduction="none")
     if kind == "l1":

@@ -51,8 +51,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 DISTANCE_KIND = {"l2": 0, "l1": 1, "smooth_l1": 2}
 
-#: Bytes of one image program's tile, per tensor (4096 float32 or 8192 bfloat16 elements).
-IMAGE_TILE_BYTES = 16384
+#: Bytes of one image program's tile, per tensor (8192 float32 or 16384 bfloat16 elements);
+#: chosen with NUM_WARPS by bench/sweep.py (bench/NOTES.md).
+IMAGE_TILE_BYTES = 32768
 #: Elements of one reward program's tile.
 REWARD_BLOCK = 1024
 #: Elements of one KL program's [rows, latents] tile.
@@ -68,7 +69,7 @@ BACKWARD_PROGRAMS_PER_SM = 4
 INTERPRETER_BACKWARD_PROGRAMS = 4
 #: Partials one finalize step reads.
 FINALIZE_BLOCK = 4096
-NUM_WARPS = 8
+NUM_WARPS = 16
 
 # Layout of the small per-call state buffer: the delayed-clamp keep flag (1 or 0), then two slots of
 # the scale already applied to each term's gradients (kl, reco, reward); backward call k reads slot
