@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import importlib.util
 import math
 import os
@@ -76,12 +77,22 @@ def test_autocast_bf16_is_closer_to_float64_than_torchrl(device, backend):
                 f"{name}: ours {err_ours:.3e} > torchrl {err_theirs:.3e}")
 
 
-def ddp_worker(rank: int, world: int, init_file: str, backend: str, state, data, out_dir: str):
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ddp_worker(rank: int, world: int, port: int, backend: str, state, data, out_dir: str):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    # Loopback only, and a deadline: a stuck collective fails the test instead of hanging it.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         loss_module = FusedDreamerModelLoss(
             make_world_model((3, 16, 16), latent_dim=8, stochastic=False), free_nats=0.5,
@@ -94,6 +105,7 @@ def ddp_worker(rank: int, world: int, init_file: str, backend: str, state, data,
         if rank == 0:
             torch.save({n: p.grad for n, p in loss_module.named_parameters()},
                        os.path.join(out_dir, "grads.pt"))
+        dist.barrier()  # neither rank tears down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -118,7 +130,7 @@ def test_ddp_gloo_matches_one_process_on_the_full_batch(tmp_path, backend):
     sum(losses.values()).sum().backward()
     expected = {n: p.grad for n, p in loss_module.named_parameters()}
 
-    torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "init"), backend, state, data,
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), backend, state, data,
                                                   str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "grads.pt")
     assert got.keys() == expected.keys()
