@@ -11,6 +11,7 @@ several input sets in rotation, next to a device-to-device copy measured in the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -193,24 +194,30 @@ def check_fused(inputs: list[torch.Tensor], reco_loss: str) -> str | None:
     return None
 
 
+def skip_reason(impl: str, cuda: bool) -> str | None:
+    """Why ``impl`` cannot run here, or None."""
+    if impl == "fused" and not cuda:
+        return "skipped: the fused kernels need a CUDA device"
+    if impl == "compiled" and sys.platform == "win32":
+        return "skipped: torch.compile is not supported here"
+    if impl == "torchrl":
+        try:
+            import torchrl  # noqa: F401
+        except ImportError:
+            return "skipped: torchrl is not installed"
+    return None
+
+
 def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy,
                cuda_graph: bool = False) -> Row:
     batch, steps_, image, latent_dim = PRESETS[preset]
     frames, dtype = batch * steps_, DTYPES[dtype_name]
     row = Row(impl, preset, frames, list(image), latent_dim, dtype_name, mode, None, None, None)
     cuda = device == "cuda"
-    if impl == "fused" and not cuda:
-        row.status = "skipped: the fused kernels need a CUDA device"
+    skipped = skip_reason(impl, cuda)
+    if skipped:
+        row.status = skipped
         return row
-    if impl == "compiled" and sys.platform == "win32":
-        row.status = "skipped: torch.compile is not supported here"
-        return row
-    if impl == "torchrl":
-        try:
-            import torchrl  # noqa: F401
-        except ImportError:
-            row.status = "skipped: torchrl is not installed"
-            return row
     sets = [make_inputs(preset, dtype, device, seed) for seed in range(ROTATION if cuda else 1)]
     if impl == "fused":
         wrong = check_fused(sets[0], reco_loss)
@@ -260,8 +267,9 @@ def run_train_step(impl: str, preset: str, dtype_name: str, reco_loss: str, devi
     if impl not in ("fused", "eager"):
         row.status = "skipped: train-step compares fused with eager"
         return row
-    if impl == "fused" and not cuda:
-        row.status = "skipped: the fused kernels need a CUDA device"
+    skipped = skip_reason(impl, cuda)
+    if skipped:
+        row.status = skipped
         return row
     torch.manual_seed(0)
     model = ConvWorldModel(image, latent_dim).to(device)
@@ -410,26 +418,25 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{device_name}: copy {copy or 0:.0f} GB/s", flush=True)
     rows: list[Row] = []
     if args.workload == "train-step":
-        for preset in args.preset:
-            for dtype in args.dtype:
-                for impl in args.impl:
-                    print(f"  {preset:>7} {dtype:>8} train-step {impl:>8} ...", end="", flush=True)
-                    row = run_train_step(impl, preset, dtype, args.reco_loss, args.device)
-                    rows.append(row)
-                    shown = f"{row.median_ms:.3f} ms" if row.median_ms is not None else row.status
-                    print(f" {shown}", flush=True)
-    for preset in args.preset if args.workload == "loss" else []:
-        for dtype in args.dtype:
-            for mode in args.mode:
-                for impl in args.impl:
-                    print(f"  {preset:>7} {dtype:>8} {mode:>7} {impl:>8} ...", end="", flush=True)
-                    row = run_config(impl, preset, dtype, mode, args.reco_loss, args.device, copy,
-                                     args.cuda_graph)
-                    rows.append(row)
-                    shown = f"{row.median_ms:.3f} ms" if row.median_ms is not None else row.status
-                    print(f" {shown}", flush=True)
-                    if cuda:
-                        torch.cuda.empty_cache()
+        modes = ["train-step"]
+
+        def run(impl, preset, dtype, mode):
+            return run_train_step(impl, preset, dtype, args.reco_loss, args.device)
+    else:
+        modes = args.mode
+
+        def run(impl, preset, dtype, mode):
+            return run_config(impl, preset, dtype, mode, args.reco_loss, args.device, copy,
+                              args.cuda_graph)
+
+    for preset, dtype, mode, impl in itertools.product(args.preset, args.dtype, modes, args.impl):
+        print(f"  {preset:>7} {dtype:>8} {mode:>7} {impl:>8} ...", end="", flush=True)
+        row = run(impl, preset, dtype, mode)
+        rows.append(row)
+        shown = f"{row.median_ms:.3f} ms" if row.median_ms is not None else row.status
+        print(f" {shown}", flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
     for row in rows:
         eager = next((r for r in rows if r.impl == "eager" and r.median_ms and
                       (r.preset, r.dtype, r.mode) == (row.preset, row.dtype, row.mode)), None)

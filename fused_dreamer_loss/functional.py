@@ -111,12 +111,9 @@ def dreamer_model_loss(
     opts = LossOptions(lambda_kl, lambda_reco, lambda_reward, reco_loss, reward_loss, free_nats,
                        delayed_clamp, global_average)
     if resolve_backend(backend, prior_mean.device) == "torch":
-        return reference.dreamer_model_loss(
+        return reference.checked_dreamer_model_loss(
             prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
-            true_reward, pred_reward, lambda_kl=opts.lambda_kl, lambda_reco=opts.lambda_reco,
-            lambda_reward=opts.lambda_reward, reco_loss=opts.reco_loss,
-            reward_loss=opts.reward_loss, free_nats=opts.free_nats,
-            delayed_clamp=opts.delayed_clamp, global_average=opts.global_average,
+            true_reward, pred_reward, opts, len(shapes.batch_shape),
         )
     if torch.is_autocast_enabled(prior_mean.device.type):
         # Autocast computes losses (mse_loss, l1_loss, smooth_l1_loss) in float32: so do we.

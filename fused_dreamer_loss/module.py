@@ -52,7 +52,7 @@ class FusedDreamerModelLoss(TensorDictModuleBase):
     Example:
         >>> import torch
         >>> from tensordict import TensorDict
-        >>> from tensordict.nn import TensorDictModule, TensorDictSequential
+        >>> from tensordict.nn import TensorDictModule
         >>> from fused_dreamer_loss import FusedDreamerModelLoss
         >>> class Latents(torch.nn.Module):  # a stand-in world model: prior, posterior, decoder
         ...     def __init__(self):

@@ -89,8 +89,24 @@ def dreamer_model_loss(
                              pixels, reco_pixels, true_reward, pred_reward)
     opts = LossOptions(lambda_kl, lambda_reco, lambda_reward, reco_loss, reward_loss, free_nats,
                        delayed_clamp, global_average)
-    batch_dims = len(shapes.batch_shape)
+    return checked_dreamer_model_loss(prior_mean, prior_std, posterior_mean, posterior_std,
+                                      pixels, reco_pixels, true_reward, pred_reward, opts,
+                                      len(shapes.batch_shape))
 
+
+def checked_dreamer_model_loss(
+    prior_mean: torch.Tensor,
+    prior_std: torch.Tensor,
+    posterior_mean: torch.Tensor,
+    posterior_std: torch.Tensor,
+    pixels: torch.Tensor,
+    reco_pixels: torch.Tensor,
+    true_reward: torch.Tensor,
+    pred_reward: torch.Tensor,
+    opts: LossOptions,
+    batch_dims: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dreamer_model_loss` on inputs and options already checked by the caller."""
     kl = kl_divergence(prior_mean, prior_std, posterior_mean, posterior_std)
     if not opts.global_average:
         kl = kl.sum(-1)

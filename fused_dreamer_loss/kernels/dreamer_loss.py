@@ -534,9 +534,9 @@ class FusedDreamerLossFunction(torch.autograd.Function):
         reco_active = active[1] and any(has[4:6])
         reward_active = active[2] and any(has[6:8])
         n_latent, n_image, n_reward = ctx.sizes
-        tiles = max(triton.cdiv(n, BACKWARD_BLOCK) for n, on in
-                    ((n_latent, kl_active), (n_image, reco_active), (n_reward, reward_active))
-                    if on) if (kl_active or reco_active or reward_active) else 0
+        tiles = max([triton.cdiv(n, BACKWARD_BLOCK) for n, on in
+                     ((n_latent, kl_active), (n_image, reco_active), (n_reward, reward_active))
+                     if on], default=0)
         if tiles:
             ptrs = [state if g is None else g for g in grads]
             outs = [state if g is None else g for g in (grad_kl, grad_reco, grad_reward)]
