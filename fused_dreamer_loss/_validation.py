@@ -47,7 +47,9 @@ class LossOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-            if not math.isfinite(value):
+            # A comparison, not math.isfinite: under torch.compile an option that changes between
+            # calls arrives as a symbolic float, which comparisons (guards) accept.
+            if not -math.inf < value < math.inf:
                 raise ValueError(f"{name} must be finite, got {value!r}")
             object.__setattr__(self, name, float(value))
         for name in ("reco_loss", "reward_loss"):

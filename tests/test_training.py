@@ -191,18 +191,3 @@ def test_training_step_captured_in_a_cuda_graph():
             torch.testing.assert_close(static_losses[name], losses[name], rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(graphed.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-
-
-def test_torch_backend_compiles_with_fullgraph(device):
-    """torch.compile(fullgraph=True) of a function calling the loss (torch backend), forward and
-    backward, matches eager."""
-    inputs = make_inputs((2, 3), 5, (3, 4, 4), torch.float32, device, seed=41)
-
-    def total(*tensors):
-        return sum(dreamer_model_loss(*tensors, backend="torch", free_nats=0.5))
-
-    compiled = torch.compile(total, fullgraph=True, backend="aot_eager")
-    got, want = compiled(*inputs), total(*inputs)
-    torch.testing.assert_close(got, want)
-    for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
-        torch.testing.assert_close(a, b)
