@@ -4,7 +4,7 @@ Everything is generated here (no downloads): each clip shows a few coloured squa
 around the frame, with a reward that is the mean brightness of the frame's centre. Runs on CUDA
 (the fused kernels) or on a CPU (the pure-torch reference).
 
-    python examples/train_world_model.py --steps 200
+    python examples/train_world_model.py --steps 200 [--compile]
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--size", type=int, default=32, help="frame height and width, divisible by 4")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile(fullgraph=True) the world model and the loss together")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         make_world_model(image_shape=(3, args.size, args.size), latent_dim=30),
         free_nats=3.0).to(args.device)
     optimizer = torch.optim.Adam(loss_module.parameters(), lr=3e-4)
+    compute_losses = torch.compile(loss_module, fullgraph=True) if args.compile else loss_module
     print(f"training on {args.device}: {args.batch} clips x {args.time} frames of "
           f"3x{args.size}x{args.size}, {sum(p.numel() for p in loss_module.parameters())} "
           "parameters")
@@ -69,13 +72,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                        device=args.device)
         data = TensorDict({"next": {"pixels": pixels, "reward": reward}},
                           batch_size=[args.batch, args.time])
-        out, _ = loss_module(data)
+        out, _ = compute_losses(data)
         loss = out["loss_model_kl"] + out["loss_model_reco"] + out["loss_model_reward"]
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
         if step == 1 or step % max(1, args.steps // 10) == 0 or step == args.steps:
-            losses = {k: float(v) for k, v in out.items()}
+            losses = {k: float(v.detach()) for k, v in out.items()}
             rate = step / (time.perf_counter() - start)
             print(f"step {step:5d}  kl {losses['loss_model_kl']:8.4f}  "
                   f"reco {losses['loss_model_reco']:10.4f}  "

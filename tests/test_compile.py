@@ -110,6 +110,25 @@ def test_compiled_loss_under_no_grad(device, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_loss_under_autocast(device, backend):
+    """bf16 inputs under bf16 autocast inside the compiled function: float32 losses, as eager."""
+    inputs = make_inputs((2, 3), 5, (3, 4, 4), torch.bfloat16, device, seed=46)
+
+    def autocast_losses(*tensors, backend, **options):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return stacked_losses(*tensors, backend=backend, **options)
+
+    compiled = torch.compile(autocast_losses, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs, backend=backend, free_nats=0.5)
+    want = autocast_losses(*inputs, backend=backend, free_nats=0.5)
+    assert got.dtype == want.dtype == torch.float32
+    assert_matches(got, want, backend, "losses")
+    for name, a, b in zip(NAMES, torch.autograd.grad(got.sum(), inputs),
+                          torch.autograd.grad(want.sum(), inputs)):
+        assert_matches(a, b, backend, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_module_training_step_matches_eager(device, backend):
     """World model and FusedDreamerModelLoss compiled together: losses and every parameter
     gradient as in eager."""

@@ -30,9 +30,11 @@ def load_example():
     return module
 
 
-def test_example_trains_a_few_steps(device):
+@pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_example_trains_a_few_steps(device, compile_flag):
+    torch._dynamo.reset()
     losses = load_example().main(["--steps", "3", "--batch", "2", "--time", "4", "--size", "16",
-                                  "--device", str(device)])
+                                  "--device", str(device), *compile_flag])
     assert set(losses) == {"loss_model_kl", "loss_model_reco", "loss_model_reward"}
     assert all(math.isfinite(v) for v in losses.values())
 
