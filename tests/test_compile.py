@@ -176,8 +176,7 @@ def test_custom_ops_pass_opcheck(device, needs, dtype):
     torch.library.opcheck(kernels.forward_op, args)
 
     _, _, _, state, *made = kernels.forward_op(*args)
-    made_iter = iter(made)
-    grads = [next(made_iter) if n else None for n in needs]
+    grads = kernels._by_input(made, needs)
     grad_outputs = (torch.tensor(2.0, dtype=dtype, device=device), None,
                     torch.tensor(-0.5, dtype=dtype, device=device))
     torch.library.opcheck(kernels.backward_op, (state, *grads, *grad_outputs, 0))

@@ -472,6 +472,12 @@ def _empty_outputs(latents, images, rewards, loss_dtypes, needs):
     return [*losses, state, *(g for g, n in zip(grads, needs) if n)]
 
 
+def _by_input(made: list[torch.Tensor], needs: list[bool]) -> list[torch.Tensor | None]:
+    """The gradients the forward made, one per input: None where ``needs`` asked for none."""
+    made_iter = iter(made)
+    return [next(made_iter) if n else None for n in needs]
+
+
 def _forward(prior_mean: torch.Tensor, prior_std: torch.Tensor, posterior_mean: torch.Tensor,
              posterior_std: torch.Tensor, pixels: torch.Tensor, reco_pixels: torch.Tensor,
              true_reward: torch.Tensor, pred_reward: torch.Tensor, lambda_kl: float,
@@ -487,19 +493,17 @@ def _forward(prior_mean: torch.Tensor, prior_std: torch.Tensor, posterior_mean: 
                                              pixels, reco_pixels, true_reward, pred_reward)
     out_kl, out_reco, out_reward, state, *made = _empty_outputs(
         latents, images, rewards, (kl_dtype, reco_dtype, reward_dtype), needs)
-    made_iter = iter(made)
-    grads = [next(made_iter) if n else None for n in needs]
     # Absent gradients get a harmless pointer: the kernels never touch it (constexpr flags).
-    g_ptrs = [latents[0] if g is None else g for g in grads]
+    g_ptrs = [latents[0] if g is None else g for g in _by_input(made, needs)]
 
     R, D = latents[0].shape
     image_numel = images[0].numel()
     launch = _plan(R, D, image_numel, images[0].element_size())
-    acc_torch, acc = _acc_dtype(*latents, *images, *rewards)
+    _, acc = _acc_dtype(state)  # the state buffer has the accumulation dtype
     kl_count = R * D if global_average else R
     reco_count = image_numel if global_average else R
     reward_count = R
-    partials = torch.empty(launch.programs, dtype=acc_torch, device=state.device)
+    partials = torch.empty(launch.programs, dtype=state.dtype, device=state.device)
     strides = [s for t in latents for s in t.stride()]
     _dreamer_loss_fwd_kernel[(launch.programs,)](
         *latents, *strides, *g_ptrs[0:4],
@@ -623,8 +627,7 @@ class FusedDreamerLossFunction(torch.autograd.Function):
             opts.reco_loss, opts.reward_loss, opts.free_nats, opts.delayed_clamp,
             opts.global_average, *shapes.loss_dtypes, needs)
         if any(needs):
-            made_iter = iter(made)
-            ctx.save_for_backward(state, *(next(made_iter) if n else None for n in needs))
+            ctx.save_for_backward(state, *_by_input(made, needs))
             ctx.input_shapes = [t.shape for t in (prior_mean, prior_std, posterior_mean,
                                                   posterior_std, true_reward, pred_reward)]
             ctx.backward_calls = 0
