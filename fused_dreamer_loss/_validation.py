@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,17 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LATENT_NAMES = ("prior_mean", "prior_std", "posterior_mean", "posterior_std")
 IMAGE_NAMES = ("pixels", "reco_pixels")
 REWARD_NAMES = ("true_reward", "pred_reward")
+
+
+def kernels_can_take(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """False for tensors no kernel can read: ``meta`` tensors (shape propagation only) and tensors
+    without storage: those of ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) and
+    of the batched backward of ``jacobian(vectorize=True)``. Those take the pure-torch path, whose
+    ops every transform supports. Looks at no value: no host sync."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the storage check; fakes are plain
+        return not any(t is not None and t.device.type == "meta" for t in tensors)
+    return not any(t is not None and (t.device.type == "meta" or not torch._C._has_storage(t))
+                   for t in tensors)
 
 
 def check_backend(backend: str) -> str:
@@ -72,6 +84,25 @@ class LossShapes:
     latent_dim: int
     image_numel: int
     loss_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]
+
+
+def check_options_fit(opts: LossOptions, shapes: LossShapes) -> None:
+    """Each free-nats value and lambda must be representable in its term's dtype (as torch's
+    ``clamp_min`` requires of its bound): no silent overflow to inf.
+
+    Raises:
+        ValueError: naming the option, its value and the dtype it must fit.
+    """
+    terms = {"lambda_kl": 0, "free_nats": 0, "lambda_reco": 1, "lambda_reward": 2}
+    for name, term in terms.items():
+        dtype = shapes.loss_dtypes[term]
+        largest = torch.finfo(dtype).max
+        value = getattr(opts, name)
+        if not -largest <= value <= largest:
+            raise ValueError(
+                f"{name}={value!r} does not fit in {dtype}, the dtype of its loss term "
+                f"(largest magnitude {largest:g})"
+            )
 
 
 def _check_group(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> torch.dtype:

@@ -7,7 +7,8 @@ import dataclasses
 import torch
 
 from . import reference
-from ._validation import LossOptions, check_backend, validate_inputs
+from ._validation import (LossOptions, check_backend, check_options_fit, kernels_can_take,
+                          validate_inputs)
 
 
 def _triton_kernels():
@@ -74,7 +75,9 @@ def dreamer_model_loss(
             ``D`` and the reconstruction over ``*I`` and averaging over the rows.
         backend: ``"auto"`` (Triton for CUDA tensors, the reference otherwise), ``"triton"`` (the
             fused kernels; CPU tensors only with ``TRITON_INTERPRET=1`` set before triton is
-            imported) or ``"torch"`` (the pure-torch reference).
+            imported) or ``"torch"`` (the pure-torch reference). ``meta`` tensors and the
+            tensors of ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) always run
+            the reference: no kernel can read them.
 
     Returns:
         ``(loss_kl, loss_reco, loss_reward)``: 0-dim tensors, each with its lambda applied and the
@@ -86,7 +89,8 @@ def dreamer_model_loss(
     Raises:
         TypeError: non-tensor inputs, or dtypes other than float16/bfloat16/float32/float64.
         ValueError: shapes or batch dims that disagree, an empty batch, inputs on several devices,
-            an unknown ``reco_loss``, ``reward_loss`` or ``backend``.
+            an unknown ``reco_loss``, ``reward_loss`` or ``backend``, a lambda or ``free_nats``
+            that is not finite or does not fit in its term's dtype.
         RuntimeError: ``backend="triton"`` where Triton cannot run.
 
     Example:
@@ -110,7 +114,11 @@ def dreamer_model_loss(
                              pixels, reco_pixels, true_reward, pred_reward)
     opts = LossOptions(lambda_kl, lambda_reco, lambda_reward, reco_loss, reward_loss, free_nats,
                        delayed_clamp, global_average)
-    if resolve_backend(backend, prior_mean.device) == "torch":
+    check_options_fit(opts, shapes)
+    tensors = (prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
+               true_reward, pred_reward)
+    check_backend(backend)
+    if not kernels_can_take(tensors) or resolve_backend(backend, prior_mean.device) == "torch":
         return reference.checked_dreamer_model_loss(
             prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
             true_reward, pred_reward, opts, len(shapes.batch_shape),
@@ -119,7 +127,4 @@ def dreamer_model_loss(
         # Autocast computes losses (mse_loss, l1_loss, smooth_l1_loss) in float32: so do we.
         shapes = dataclasses.replace(shapes, loss_dtypes=tuple(
             torch.promote_types(d, torch.float32) for d in shapes.loss_dtypes))
-    return _triton_kernels().fused_dreamer_model_loss(
-        prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
-        true_reward, pred_reward, shapes, opts,
-    )
+    return _triton_kernels().fused_dreamer_model_loss(*tensors, shapes, opts)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validation import LossOptions, validate_inputs
+from ._validation import LossOptions, check_options_fit, validate_inputs
 
 
 def distance(target: torch.Tensor, prediction: torch.Tensor, kind: str) -> torch.Tensor:
@@ -89,6 +89,7 @@ def dreamer_model_loss(
                              pixels, reco_pixels, true_reward, pred_reward)
     opts = LossOptions(lambda_kl, lambda_reco, lambda_reward, reco_loss, reward_loss, free_nats,
                        delayed_clamp, global_average)
+    check_options_fit(opts, shapes)
     return checked_dreamer_model_loss(prior_mean, prior_std, posterior_mean, posterior_std,
                                       pixels, reco_pixels, true_reward, pred_reward, opts,
                                       len(shapes.batch_shape))

@@ -23,10 +23,10 @@ def small_blocks(monkeypatch):
     """Shrink every tile so that small test shapes span many programs, latent chunks and
     finalize steps, as large inputs do on a GPU."""
     from fused_dreamer_loss.kernels import dreamer_loss as k
+    from fused_dreamer_loss.kernels import machinery
 
     monkeypatch.setattr(k, "IMAGE_TILE_BYTES", 256)
     monkeypatch.setattr(k, "REWARD_BLOCK", 4)
     monkeypatch.setattr(k, "LATENT_TILE", 16)
     monkeypatch.setattr(k, "MAX_LATENT_BLOCK_D", 4)
-    monkeypatch.setattr(k, "BACKWARD_BLOCK", 32)
-    monkeypatch.setattr(k, "FINALIZE_BLOCK", 4)
+    monkeypatch.setattr(machinery, "FINALIZE_BLOCK", 4)

@@ -13,7 +13,9 @@ from helpers import NAMES, free_nats_for, make_inputs
 from tensordict import TensorDict
 
 from fused_dreamer_loss import FusedDreamerModelLoss, dreamer_model_loss
+from fused_dreamer_loss._validation import LossOptions, validate_inputs
 from fused_dreamer_loss.kernels import dreamer_loss as kernels
+from fused_dreamer_loss.kernels import machinery
 from fused_dreamer_loss.models import make_world_model
 
 BACKENDS = ["triton", "torch"]
@@ -164,19 +166,20 @@ NEEDS = {
 @pytest.mark.parametrize("needs", NEEDS.values(), ids=NEEDS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_custom_ops_pass_opcheck(device, needs, dtype):
-    """torch.library.opcheck on the forward op and, on its gradients, the in-place backward op:
-    schema (declared mutations), fake implementations, and AOT dispatch. The ops take inputs that
-    do not require grad, as the autograd.Function calls them (its forward runs without grad)."""
+    """torch.library.opcheck on the forward op and on the gradients op: schema, fake
+    implementations (channels_last_3d layouts included), and AOT dispatch. The ops take inputs
+    that do not require grad, as the autograd.Function calls them (its forward runs without
+    grad)."""
     inputs = make_inputs((2, 3), 5, (3, 4, 4), dtype, device, seed=45, requires_grad=False)
     inputs[5] = inputs[5].to(memory_format=torch.channels_last_3d)
     inputs[4] = inputs[4].to(memory_format=torch.channels_last_3d)
-    options = (0.7, 1.3, 0.4, "smooth_l1", "l2", 0.5, False, True)
-    loss_dtypes = (dtype, dtype, dtype)
-    args = (*inputs, *options, *loss_dtypes, needs)
-    torch.library.opcheck(kernels.forward_op, args)
+    options = LossOptions(0.7, 1.3, 0.4, "smooth_l1", "l2", 0.5, False, True)
+    floats, ints = kernels.KERNELS.encode(options, validate_inputs(*inputs))
+    torch.library.opcheck(machinery.forward_op, ("dreamer", inputs, floats, ints, needs))
 
-    _, _, _, state, *made = kernels.forward_op(*args)
-    grads = kernels._by_input(made, needs)
-    grad_outputs = (torch.tensor(2.0, dtype=dtype, device=device), None,
-                    torch.tensor(-0.5, dtype=dtype, device=device))
-    torch.library.opcheck(kernels.backward_op, (state, *grads, *grad_outputs, 0))
+    keep = machinery.forward_op("dreamer", inputs, floats, ints, needs)[3]
+    grad_outputs = [torch.tensor(2.0, dtype=dtype, device=device), None,
+                    torch.tensor(-0.5, dtype=dtype, device=device)]
+    wanted = [n and grad_outputs[t] is not None for n, t in zip(needs, kernels.INPUT_TERMS)]
+    torch.library.opcheck(machinery.gradients_op,
+                          ("dreamer", inputs, floats, ints, keep, grad_outputs, wanted))

@@ -7,7 +7,7 @@ import torch
 from helpers import free_nats_for, make_inputs
 
 from fused_dreamer_loss._validation import LossOptions, validate_inputs
-from fused_dreamer_loss.kernels.dreamer_loss import FusedDreamerLossFunction
+from fused_dreamer_loss.kernels import dreamer_loss, machinery
 
 
 def check(device, reco_loss, reward_loss, delayed_clamp, global_average, fast_mode):
@@ -20,7 +20,7 @@ def check(device, reco_loss, reward_loss, delayed_clamp, global_average, fast_mo
     shapes = validate_inputs(*inputs)
 
     def fn(*tensors):
-        return FusedDreamerLossFunction.apply(*tensors, shapes, opts, torch.is_grad_enabled())
+        return machinery.apply(dreamer_loss.KERNELS, opts, shapes, tensors)
 
     assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-7, rtol=1e-5,
                                     fast_mode=fast_mode)
