@@ -2,9 +2,12 @@
 
 Everything is generated here (no downloads): each clip shows a few coloured squares bouncing
 around the frame, with a reward that is the mean brightness of the frame's centre. Runs on CUDA
-(the fused kernels) or on a CPU (the pure-torch reference).
+(the fused kernels) or on a CPU (the pure-torch reference; the fused kernels through Triton's
+interpreter with ``TRITON_INTERPRET=1 ... --backend triton``, slowly). It prints which backend ran
+and why, and the steps per second after the first step (whose time, compilation included with
+``--compile``, is shown apart).
 
-    python examples/train_world_model.py --steps 200 [--compile]
+    python examples/train_world_model.py --steps 200 [--compile] [--device cpu] [--backend torch]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from tensordict import TensorDict
 
 from fused_dreamer_loss import FusedDreamerModelLoss
+from fused_dreamer_loss.functional import resolve_backend
 from fused_dreamer_loss.models import make_world_model
 
 
@@ -44,13 +48,41 @@ def moving_shapes(batch: int, steps: int, size: int, shapes: int = 3, generator=
     return pixels.to(device), reward.to(device)
 
 
+def backend_line(backend: str, device: str) -> str:
+    """Which implementation of the loss runs for ``backend`` on ``device``, and why."""
+    ran = resolve_backend(backend, torch.device(device))  # raises if it cannot run there
+    if ran == "triton":
+        where = ("on the GPU" if device.startswith("cuda") else
+                 "through Triton's interpreter on the CPU (TRITON_INTERPRET=1: right answers, "
+                 "no speed)")
+        return f"backend: triton (the fused kernels, {where})"
+    if backend == "torch":
+        why = "asked for with --backend torch"
+    elif device.startswith("cuda"):
+        why = "asked for"
+    else:
+        why = ("no CUDA device: the fused Triton kernels need a GPU, or TRITON_INTERPRET=1 and "
+               "--backend triton")
+    return f"backend: torch (the pure-torch reference; {why})"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch", type=int, default=16, help="clips per batch (default 16)")
     p.add_argument("--time", type=int, default=20, help="frames per clip (default 20)")
     p.add_argument("--size", type=int, default=32, help="frame height and width, divisible by 4")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
+                   help="the loss's backend: auto (the fused kernels on CUDA, the pure-torch "
+                        "reference elsewhere), triton (the fused kernels; on a CPU only with "
+                        "TRITON_INTERPRET=1 set) or torch. Default: auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile(fullgraph=True) the world model and the loss together")
@@ -60,13 +92,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     g = torch.Generator().manual_seed(args.seed)
     loss_module = FusedDreamerModelLoss(
         make_world_model(image_shape=(3, args.size, args.size), latent_dim=30),
-        free_nats=3.0).to(args.device)
+        free_nats=3.0, backend=args.backend).to(args.device)
     optimizer = torch.optim.Adam(loss_module.parameters(), lr=3e-4)
     compute_losses = torch.compile(loss_module, fullgraph=True) if args.compile else loss_module
     print(f"training on {args.device}: {args.batch} clips x {args.time} frames of "
           f"3x{args.size}x{args.size}, {sum(p.numel() for p in loss_module.parameters())} "
           "parameters")
+    print(backend_line(args.backend, args.device))
     start, losses = time.perf_counter(), {}
+    warm = None  # (time, step) at the end of the first step
     for step in range(1, args.steps + 1):
         pixels, reward = moving_shapes(args.batch, args.time, args.size, generator=g,
                                        device=args.device)
@@ -77,12 +111,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
+        if step == 1:
+            sync(args.device)
+            warm = time.perf_counter()
+            first = warm - start
         if step == 1 or step % max(1, args.steps // 10) == 0 or step == args.steps:
             losses = {k: float(v.detach()) for k, v in out.items()}
-            rate = step / (time.perf_counter() - start)
+            if step == 1:
+                shown = (f"first step {first:.2f} s, compilation included" if args.compile else
+                         f"first step {first:.2f} s")
+            else:
+                shown = f"{(step - 1) / (time.perf_counter() - warm):.1f} steps/s"
             print(f"step {step:5d}  kl {losses['loss_model_kl']:8.4f}  "
                   f"reco {losses['loss_model_reco']:10.4f}  "
-                  f"reward {losses['loss_model_reward']:8.5f}  ({rate:.1f} steps/s)", flush=True)
+                  f"reward {losses['loss_model_reward']:8.5f}  ({shown})", flush=True)
+    sync(args.device)
+    if args.steps > 1:
+        rate = (args.steps - 1) / (time.perf_counter() - warm)
+        print(f"{rate:.1f} steps/s over steps 2-{args.steps}; the first step took {first:.2f} s"
+              f"{' (torch.compile included)' if args.compile else ''}")
     return losses
 
 

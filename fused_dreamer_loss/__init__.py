@@ -3,10 +3,16 @@
 - :func:`dreamer_model_loss`: the functional loss (fused kernels on CUDA, pure torch elsewhere).
 - :class:`FusedDreamerModelLoss`: the tensordict module, a drop-in for torchrl's loss.
 - :mod:`fused_dreamer_loss.reference`: the pure-torch reference, the spec of the math.
+- :func:`dreamer_v3_model_loss`: the DreamerV3 world-model loss (torchrl's DreamerV3ModelLoss), with
+  :data:`V3_CONVENTIONS`, the options of other implementations, and its pure-torch reference
+  :mod:`fused_dreamer_loss.reference_v3`.
 """
 
+from .conventions import V3_CONVENTIONS
 from .functional import dreamer_model_loss
+from .functional_v3 import dreamer_v3_model_loss
 from .module import FusedDreamerModelLoss
 
-__all__ = ["FusedDreamerModelLoss", "dreamer_model_loss"]
+__all__ = ["V3_CONVENTIONS", "FusedDreamerModelLoss",
+           "dreamer_model_loss", "dreamer_v3_model_loss"]
 __version__ = "0.1.0"

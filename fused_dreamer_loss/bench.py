@@ -1,29 +1,42 @@
 """Benchmark CLI: the fused Dreamer loss against eager torch, torch.compile and torchrl.
 
 Run ``fused-dreamer-loss-bench --help`` (or ``python -m fused_dreamer_loss.bench --help``).
+From Python: :func:`run` returns the report (a dict, the ``--json`` schema), :func:`main` the exit
+status (0, or 1 when a fused result was wrong or an implementation crashed).
 
 Every implementation is timed on the same inputs, and every row reports the achieved bandwidth under
 one minimal-traffic model (DESIGN §3: each input read once, each needed gradient written once), so
 GB/s ratios are speed ratios. On CUDA the timer is ``triton.testing.do_bench`` (median) over
 several input sets in rotation, next to a device-to-device copy measured in the same run.
+
+Without CUDA the fused kernels run through Triton's interpreter: they are checked against the
+float64 reference and their launches counted, but not timed (the interpreter's speed says nothing
+about the kernels'). Every row counts the kernel launches of one step (see :func:`count_launches`).
+A figure that was not measured is None in the JSON and "—" in the table, never 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import itertools
 import json
 import math
+import os
+import re
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
 from . import reference
-from .functional import dreamer_model_loss
+from .functional import _triton_kernels, dreamer_model_loss
 
 PRESETS = {
     # name: (batch, time, image shape, latent dim)
@@ -44,7 +57,24 @@ COPY_BYTES = 1 << 30
 #: Inputs that need a gradient in a training step: the latents, the decoded frames, the predicted
 #: reward (not the targets).
 NEEDS_GRAD = (True, True, True, True, False, True, False, True)
-CPU_REPEATS = 5
+CPU_REPEATS = 25
+#: ATen operators that move no tensor data (allocation, views, dtype and shape queries): not
+#: counted as launches on a CPU.
+NO_KERNEL_OPS = frozenset({
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::as_strided", "aten::view",
+    "aten::_reshape_alias", "aten::reshape", "aten::_unsafe_view", "aten::expand", "aten::t",
+    "aten::transpose", "aten::permute", "aten::squeeze", "aten::unsqueeze", "aten::select",
+    "aten::slice", "aten::alias", "aten::detach", "aten::detach_", "aten::lift_fresh",
+    "aten::result_type", "aten::promote_types", "aten::broadcast_tensors", "aten::to",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::flatten", "aten::unflatten",
+    "aten::contiguous", "aten::split", "aten::chunk", "aten::unbind", "aten::set_",
+    "aten::is_nonzero", "aten::size", "aten::stride", "aten::numel",
+})
+#: Profiler ranges counted as one launch each (what runs inside them is not counted again): a
+#: Triton launch under the interpreter (named by :func:`_named_interpreter_launches`) and a C++
+#: kernel of torch.compile on a CPU (named when inductor's ``cpp.enable_kernel_profile`` is on).
+TRITON_RANGE = "triton::"
+KERNEL_RANGE = re.compile(r"^triton::|cpp_fused")
 
 
 @dataclass
@@ -64,6 +94,10 @@ class Row:
     compile_s: float | None = None
     status: str = "ok"
     extra: dict = field(default_factory=dict)
+    #: Kernel launches of one step (see :func:`count_launches`); None where not counted.
+    launches: int | None = None
+    #: Bytes one step moves under the minimal-traffic model (:func:`minimal_bytes`).
+    model_bytes: int | None = None
 
 
 def minimal_bytes(frames: int, image_numel: int, latent_dim: int, itemsize: int, mode: str) -> int:
@@ -176,6 +210,12 @@ def copy_gbps() -> float:
     return 2 * COPY_BYTES / ms / 1e6
 
 
+def fused_rtol(dtype: torch.dtype) -> float:
+    """The relative error (of each loss, and of each gradient as a whole) :func:`check_fused`
+    accepts against the float64 reference."""
+    return 1e-4 if dtype == torch.float32 else 2e-2
+
+
 def check_fused(inputs: list[torch.Tensor], reco_loss: str) -> str | None:
     """Why the fused result differs from the float64 reference, or None when it agrees."""
     dtype = inputs[0].dtype
@@ -185,19 +225,65 @@ def check_fused(inputs: list[torch.Tensor], reco_loss: str) -> str | None:
     ref_grads = torch.autograd.grad(ref, want)
     out = dreamer_model_loss(*inputs, reco_loss=reco_loss, backend="triton")
     grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad])
-    rtol = 1e-4 if dtype == torch.float32 else 2e-2
+    rtol = fused_rtol(dtype)
     for what, a, b in [*zip(("loss_kl", "loss_reco", "loss_reward"), out, ref),
                        *zip(("grad",) * 6, grads, ref_grads)]:
-        err = float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+        err = float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
         if not math.isfinite(err) or err > rtol:
             return f"{what}: relative error {err:.2e} > {rtol:.0e}"
     return None
 
 
+#: The module ``python -m`` runs when the command restarts itself (see :func:`main`).
+MODULE = "fused_dreamer_loss.bench"
+
+
+def wants_interpreter(args: argparse.Namespace) -> bool:
+    """Whether this run would put the fused kernels through Triton's interpreter: on the CPU (no
+    CUDA device, or ``--device cpu``), the fused implementation asked for, the loss workload, and
+    the user did not decide otherwise (``TRITON_INTERPRET`` unset) on a machine that has triton."""
+    return (args.device == "cpu" and "fused" in args.impl and args.workload == "loss"
+            and "TRITON_INTERPRET" not in os.environ
+            and importlib.util.find_spec("triton") is not None)
+
+
+def use_interpreter(args: argparse.Namespace) -> bool:
+    """Set ``TRITON_INTERPRET=1`` in this process if that is still in time; False if it is not.
+
+    Triton reads the variable when its modules are imported, not only when the package's kernels
+    are defined: ``triton.language``'s own jit helpers (``tl.zeros`` in triton 3.6) are built for
+    the compiler or for the interpreter at ``import triton``, and a kernel of one kind cannot call
+    a helper of the other. So it must be set before ``import triton``; but importing this package
+    already imports triton (``torch._dynamo`` does). In time only when nothing imported triton
+    yet; :func:`main` otherwise restarts the command with the variable set.
+    """
+    if not wants_interpreter(args):
+        return True
+    if "triton" in sys.modules:
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+def interpreting() -> bool:
+    """Whether the fused kernels run through Triton's interpreter (False when triton is missing)."""
+    try:
+        return bool(_triton_kernels().INTERPRET)
+    except RuntimeError:
+        return False
+
+
 def skip_reason(impl: str, cuda: bool) -> str | None:
     """Why ``impl`` cannot run here, or None."""
-    if impl == "fused" and not cuda:
-        return "skipped: the fused kernels need a CUDA device"
+    if impl == "fused":
+        try:
+            kernels = _triton_kernels()
+        except RuntimeError:
+            return "skipped: triton is not installed (Linux only)"
+        if not cuda and not kernels.INTERPRET:
+            return ("skipped: on the CPU the fused kernels need Triton's interpreter, which is "
+                    "off (the fused-dreamer-loss-bench command turns it on; from Python, set "
+                    "TRITON_INTERPRET=1 before triton is imported)")
     if impl == "compiled" and sys.platform == "win32":
         return "skipped: torch.compile is not supported here"
     if impl == "torchrl":
@@ -208,11 +294,87 @@ def skip_reason(impl: str, cuda: bool) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _named_interpreter_launches():
+    """Each launch of a Triton kernel through the interpreter inside a profiler range
+    ``triton::<kernel name>``. Hooks the interpreter's launch method (the one every
+    ``kernel[grid](...)`` goes through), not the package's kernels, for the duration only."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launch = InterpretedFunction.run
+
+    def named(self, *args, **kwargs):
+        with torch.profiler.record_function(TRITON_RANGE + getattr(self.fn, "__name__", "kernel")):
+            return launch(self, *args, **kwargs)
+
+    InterpretedFunction.run = named
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = launch
+
+
+def _inside_kernel_range(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if KERNEL_RANGE.search(parent.name):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def count_launches(step: Callable[[], None], cuda: bool) -> dict[str, int]:
+    """Kernel launches of one call of ``step``, counted by torch.profiler: ``{name: count}``.
+
+    On CUDA: every operation the device ran (kernels, memsets, copies). On a CPU, where nothing is
+    launched, what would be: each ATen operator that computes (leaf operators, less those that only
+    allocate or view, :data:`NO_KERNEL_OPS`), each C++ kernel of torch.compile and each Triton
+    launch through the interpreter (not what the interpreter runs inside it). A fwd+bwd step
+    includes the three ``ones`` that ``torch.autograd.grad`` fills as the losses' grad outputs.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    launched: dict[str, int] = {}
+    if cuda:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings():  # one profile per row: its "clears events" note is noise
+            warnings.filterwarnings("ignore", "Warning: Profiler clears events", UserWarning)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                launched[e.name] = launched.get(e.name, 0) + 1
+        return launched
+    hook = _named_interpreter_launches() if interpreting() else contextlib.nullcontext()
+    with hook, profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    for e in prof.events():
+        if _inside_kernel_range(e):
+            continue
+        if KERNEL_RANGE.search(e.name) or (
+                e.name.startswith("aten::") and e.name not in NO_KERNEL_OPS
+                and not any(c.name.startswith("aten::") for c in e.cpu_children)):
+            launched[e.name] = launched.get(e.name, 0) + 1
+    return launched
+
+
+def _count_launches_or_none(row: Row, step: Callable[[], None], cuda: bool) -> None:
+    try:
+        launched = count_launches(step, cuda)
+        row.launches = sum(launched.values())
+        row.extra["launched"] = launched
+    except Exception as exc:  # the profiler may be unavailable (e.g. CUPTI): a missing figure
+        row.extra["launches_error"] = f"{type(exc).__name__}: {exc}"
+
+
 def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy,
                cuda_graph: bool = False) -> Row:
     batch, steps_, image, latent_dim = PRESETS[preset]
     frames, dtype = batch * steps_, DTYPES[dtype_name]
     row = Row(impl, preset, frames, list(image), latent_dim, dtype_name, mode, None, None, None)
+    nbytes = minimal_bytes(frames, math.prod(image), latent_dim, dtype.itemsize, mode)
+    row.model_bytes = nbytes
     cuda = device == "cuda"
     skipped = skip_reason(impl, cuda)
     if skipped:
@@ -226,12 +388,25 @@ def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy,
             return row
     fn = loss_fn(impl, reco_loss)
     steps = [step_fn(fn, inputs, mode) for inputs in sets]
+    if impl == "fused" and not cuda:
+        # Through Triton's interpreter: right answers and the launch count, no speed.
+        row.status = "correct (interpreter); not timed (needs a CUDA GPU)"
+        row.extra["interpreter"] = True
+        _count_launches_or_none(row, steps[0], cuda)
+        return row
     if impl == "compiled":
-        start = time.perf_counter()
-        steps[0]()
-        if cuda:
-            torch.cuda.synchronize()
-        row.compile_s = time.perf_counter() - start
+        # On a CPU, name inductor's C++ kernels in the profiler, so that they can be counted.
+        names = {} if cuda else {"cpp.enable_kernel_profile": True}
+        import torch._inductor.config as inductor_config
+        with inductor_config.patch(names):
+            start = time.perf_counter()
+            steps[0]()
+            if cuda:
+                torch.cuda.synchronize()
+            row.compile_s = time.perf_counter() - start
+    else:
+        steps[0]()  # warm up: first-call work (lazy imports, allocator) is not a step's launches
+    _count_launches_or_none(row, steps[0], cuda)
     if cuda:
         steps[0]()
         torch.cuda.synchronize()
@@ -248,7 +423,6 @@ def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy,
             return row
         row.extra["cuda_graph"] = True
     row.median_ms = timed(steps, cuda)
-    nbytes = minimal_bytes(frames, math.prod(image), latent_dim, dtype.itemsize, mode)
     row.gbps = nbytes / row.median_ms / 1e6
     if copy:
         row.frac_copy = row.gbps / copy
@@ -266,6 +440,9 @@ def run_train_step(impl: str, preset: str, dtype_name: str, reco_loss: str, devi
               None, None, None, extra={"workload": "train-step"})
     if impl not in ("fused", "eager"):
         row.status = "skipped: train-step compares fused with eager"
+        return row
+    if impl == "fused" and not cuda:
+        row.status = "skipped: a speed figure for the fused kernels needs a CUDA GPU"
         return row
     skipped = skip_reason(impl, cuda)
     if skipped:
@@ -300,25 +477,52 @@ def run_train_step(impl: str, preset: str, dtype_name: str, reco_loss: str, devi
     return row
 
 
+#: How a figure that was not measured shows in the table.
+ABSENT = "—"
+
+
+def _fmt(v, fmt: str) -> str:
+    return ABSENT if v is None else format(v, fmt)
+
+
+def _fmt_gbps(v: float | None) -> str:
+    """Bandwidth with three significant digits below 100 GB/s (a CPU's tiny preset moves less
+    than 1 GB/s: not "0"), whole numbers above."""
+    if v is None:
+        return ABSENT
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def header(report: dict) -> str:
+    """The table's first line: device, versions and what the bandwidth is compared with."""
+    line = f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}"
+    if report["copy_gbps"] is not None:
+        line += (f"; device-to-device copy: {report['copy_gbps']:.0f} GB/s "
+                 "(bytes read + written)")
+    else:
+        line += "; no copy bandwidth (measured on CUDA only)"
+    if report.get("cuda_graph"):
+        line += "; timed as CUDA-graph replays"
+    if report.get("interpreter"):
+        line += "; fused kernels through Triton's interpreter: checked, not timed"
+    return line + "."
+
+
 def markdown(report: dict) -> str:
     lines = [
-        f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
-        f"device-to-device copy: {report['copy_gbps'] or 0:.0f} GB/s (bytes read + written)"
-        f"{'; timed as CUDA-graph replays' if report.get('cuda_graph') else ''}.",
+        header(report),
         "",
-        "| impl | preset | dtype | mode | median ms | GB/s | of copy | peak MiB | vs eager | status |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| impl | preset | dtype | mode | median ms | launches | GB/s | of copy | peak MiB "
+        "| vs eager | status |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-
-    def f(v, fmt):
-        return "" if v is None else format(v, fmt)
-
     for r in report["results"]:
+        speedup = ABSENT if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}×"
         lines.append(
-            f"| {r['impl']} | {r['preset']} | {r['dtype']} | {r['mode']} | {f(r['median_ms'], '.3f')}"
-            f" | {f(r['gbps'], '.0f')} | {f(r['frac_copy'], '.0%')} | {f(r['peak_mem_mb'], '.0f')}"
-            f" | {f(r['speedup_vs_eager'], '.2f')}{'' if r['speedup_vs_eager'] is None else '×'}"
-            f" | {r['status']} |"
+            f"| {r['impl']} | {r['preset']} | {r['dtype']} | {r['mode']} "
+            f"| {_fmt(r['median_ms'], '.3f')} | {_fmt(r.get('launches'), 'd')} "
+            f"| {_fmt_gbps(r['gbps'])} | {_fmt(r['frac_copy'], '.0%')} "
+            f"| {_fmt(r['peak_mem_mb'], '.0f')} | {speedup} | {r['status']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -353,7 +557,8 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line's parser (also read by the README test, for the options it names)."""
     p = argparse.ArgumentParser(
         prog="fused-dreamer-loss-bench",
         description="Time the Dreamer model loss: fused Triton kernels vs eager torch (our "
@@ -371,13 +576,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fwd: loss only, under no_grad; fwd+bwd: loss and the gradients of the "
                         "latents, decoded frames and predicted reward. Default: both")
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS),
-                   help="fused: our kernels (CUDA only); eager: the pure-torch reference; "
+                   help="fused: our kernels (timed on CUDA; on a CPU checked and counted "
+                        "through Triton's interpreter, not timed); eager: the pure-torch reference; "
                         "compiled: torch.compile of it (compile time reported apart); torchrl: "
                         "torchrl's kl_loss + distance_loss. Default: all")
     p.add_argument("--reco-loss", choices=DISTANCES, default="l2",
                    help="reconstruction distance. Default: l2")
     p.add_argument("--device", choices=["cuda", "cpu"],
-                   help="Default: cuda when available")
+                   help="where to run. Default: cuda when available, else cpu (the fused kernels "
+                        "then run through Triton's interpreter: checked, launches counted, "
+                        "not timed)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time replays of each step captured in a CUDA graph: the device time "
                         "without Python and launch overhead (as in a graph-captured training "
@@ -391,7 +599,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", metavar="PATH", help="write the results table as Markdown")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time per implementation and "
                                                    "preset (needs matplotlib)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = make_parser()
     args = p.parse_args(argv)
+    if args.plot:  # refuse now, not after the whole run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install matplotlib")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -403,9 +621,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _progress(row: Row) -> str:
+    if row.median_ms is not None:
+        shown = f"{row.median_ms:.3f} ms"
+        if row.compile_s is not None:
+            shown += f" (compile {row.compile_s:.1f} s, apart)"
+    else:
+        shown = row.status
+    if row.launches is not None:
+        shown += f"; {row.launches} launch{'' if row.launches == 1 else 'es'}"
+    return shown
+
+
+def _failed_row(impl: str, preset: str, dtype_name: str, mode: str, exc: Exception) -> Row:
+    batch, steps_, image, latent_dim = PRESETS[preset]
+    return Row(impl, preset, batch * steps_, list(image), latent_dim, dtype_name, mode, None, None,
+               None, status=f"failed: {type(exc).__name__}: {exc}")
+
+
+def failures(report: dict) -> list[str]:
+    """One line per row that failed: a wrong fused result or an implementation that crashed."""
+    return [f"{r['impl']} {r['preset']} {r['dtype']} {r['mode']}: {r['status']}"
+            for r in report["results"] if r["status"].startswith(("wrong", "failed"))]
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the benchmark the command line describes; return the report (the ``--json`` schema).
+
+    An implementation that raises gets a row with status ``failed: ...`` (its traceback goes to
+    stderr) and the run goes on; :func:`failures` lists such rows and wrong fused results.
+    """
     args = parse_args(argv)
     cuda = args.device == "cuda"
+    use_interpreter(args)
+    interpreter = not cuda and "fused" in args.impl and args.workload == "loss" and interpreting()
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     try:
         import triton
@@ -414,29 +663,51 @@ def main(argv: list[str] | None = None) -> dict:
         triton_version = None
     copy = copy_gbps() if cuda else None
     report = {"device": device_name, "torch": torch.__version__, "triton": triton_version,
-              "copy_gbps": copy, "cuda_graph": args.cuda_graph, "results": []}
-    print(f"{device_name}: copy {copy or 0:.0f} GB/s", flush=True)
+              "copy_gbps": copy, "cuda_graph": args.cuda_graph, "interpreter": interpreter,
+              "results": []}
+    if cuda:
+        print(f"{device_name}: copy {copy:.0f} GB/s", flush=True)
+    else:
+        print(f"{device_name}, no CUDA device: the pure-torch implementations are timed on this "
+              "CPU.", flush=True)
+        if interpreter:
+            print("The fused kernels run through Triton's interpreter (TRITON_INTERPRET=1): "
+                  "checked against the float64 reference, launches counted, not timed.",
+                  flush=True)
     rows: list[Row] = []
     if args.workload == "train-step":
         modes = ["train-step"]
 
-        def run(impl, preset, dtype, mode):
+        def one(impl, preset, dtype, mode):
             return run_train_step(impl, preset, dtype, args.reco_loss, args.device)
     else:
         modes = args.mode
 
-        def run(impl, preset, dtype, mode):
+        def one(impl, preset, dtype, mode):
             return run_config(impl, preset, dtype, mode, args.reco_loss, args.device, copy,
                               args.cuda_graph)
 
-    for preset, dtype, mode, impl in itertools.product(args.preset, args.dtype, modes, args.impl):
-        print(f"  {preset:>7} {dtype:>8} {mode:>7} {impl:>8} ...", end="", flush=True)
-        row = run(impl, preset, dtype, mode)
-        rows.append(row)
-        shown = f"{row.median_ms:.3f} ms" if row.median_ms is not None else row.status
-        print(f" {shown}", flush=True)
-        if cuda:
-            torch.cuda.empty_cache()
+    for preset, dtype in itertools.product(args.preset, args.dtype):
+        if args.workload == "loss":
+            batch, steps_, image, latent_dim = PRESETS[preset]
+            sizes = ", ".join(
+                f"{m} {minimal_bytes(batch * steps_, math.prod(image), latent_dim, DTYPES[dtype].itemsize, m) / 1e6:.3g} MB"
+                for m in modes)
+            print(f"{preset} {dtype}: {batch * steps_} frames of {'x'.join(map(str, image))}, "
+                  f"{latent_dim} latents; modelled bytes per step (each input read once, each "
+                  f"gradient written once): {sizes}", flush=True)
+        for mode, impl in itertools.product(modes, args.impl):
+            print(f"  {preset:>7} {dtype:>8} {mode:>7} {impl:>8} ...", end="", flush=True)
+            try:
+                row = one(impl, preset, dtype, mode)
+            except Exception as exc:  # report it, go on with the others, exit non-zero
+                print(" failed", flush=True)
+                traceback.print_exc()
+                row = _failed_row(impl, preset, dtype, mode, exc)
+            rows.append(row)
+            print(f" {_progress(row)}", flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
     for row in rows:
         eager = next((r for r in rows if r.impl == "eager" and r.median_ms and
                       (r.preset, r.dtype, r.mode) == (row.preset, row.dtype, row.mode)), None)
@@ -445,6 +716,18 @@ def main(argv: list[str] | None = None) -> dict:
     report["results"] = [asdict(r) for r in rows]
     table = markdown(report)
     print(table)
+    print("launches: kernels per step (CUDA: what the device ran; CPU: ATen operators that "
+          "compute, torch.compile's C++ kernels, Triton launches). fwd+bwd includes the 3 "
+          "grad-output fills of torch.autograd.grad.")
+    checked = sorted({(r.preset, r.dtype) for r in rows if r.impl == "fused" and
+                      r.status.startswith("correct")})
+    if checked:
+        where = ", ".join(f"{p} {d}" for p, d in checked)
+        rtols = ", ".join(sorted({f"{fused_rtol(DTYPES[d]):.0e}" for _, d in checked}))
+        print(f"fused: correct (interpreter) on {where}: the three losses and the six gradients "
+              f"agree with the float64 reference (relative error within {rtols}).")
+        print("Speed figures for the fused kernels need a CUDA GPU (the interpreter's speed says "
+              "nothing about the kernels').")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)
@@ -456,5 +739,36 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The console script ``fused-dreamer-loss-bench``: 0 when every implementation ran and every
+    fused result was right, 1 otherwise (the reasons on stderr); 2 for bad arguments.
+
+    Without CUDA the fused kernels need Triton's interpreter, which has to be chosen before triton
+    is imported (see :func:`use_interpreter`), and importing this package imported it already. So
+    the command (``argv`` None: the arguments are this process's own) restarts itself once, as
+    ``python -m fused_dreamer_loss.bench`` with ``TRITON_INTERPRET=1`` in its environment; the
+    variable being set is what stops a second restart. Called from Python with ``argv``, it never
+    restarts: the fused rows then say why they are skipped.
+    """
+    # The profiler behind the launch counts logs "profiler_start"/"profiler_stop" lines to stderr.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    if argv is None:
+        args = parse_args(None)  # --help and bad arguments end here, before any restart
+        if not use_interpreter(args):
+            os.environ["TRITON_INTERPRET"] = "1"
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-m", MODULE, *sys.argv[1:]])
+    report = run(argv)
+    failed = failures(report)
+    if failed:
+        print(f"fused-dreamer-loss-bench: {len(failed)} of {len(report['results'])} failed:",
+              file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils._python_dispatch
 
 from fused_dreamer_loss import reference
 
@@ -104,3 +105,19 @@ class LaunchSpy:
             return launch(*args, **kwargs)
 
         return run
+
+
+class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the sizes of the tensors torch allocates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided,
+                                   torch.ops.aten.empty_like, torch.ops.aten.zeros,
+                                   torch.ops.aten.clone, torch.ops.aten.contiguous):
+            self.numels.append(out.numel())
+        return out

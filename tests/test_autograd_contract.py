@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from helpers import NAMES, assert_close, free_nats_for, make_inputs, oracle
+from helpers import NAMES, Allocations, assert_close, free_nats_for, make_inputs, oracle
 
 from fused_dreamer_loss import FusedDreamerModelLoss, dreamer_model_loss
 from fused_dreamer_loss.models import make_world_model
@@ -411,22 +411,6 @@ def test_float64_beside_bfloat16(device):
 # ---------------------------------------------------------------------------------------------
 
 
-class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the sizes of the tensors torch allocates while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels: list[int] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided,
-                                   torch.ops.aten.empty_like, torch.ops.aten.zeros,
-                                   torch.ops.aten.clone, torch.ops.aten.contiguous):
-            self.numels.append(out.numel())
-        return out
-
-
 @pytest.mark.parametrize("weight,untouched", [(1.0, True), (2.0, False)])
 def test_unit_grad_output_neither_allocates_nor_writes_images(device, weight, untouched):
     """``(kl + reco + reward).backward()``: the backward hands over the forward's image gradients
@@ -441,7 +425,7 @@ def test_unit_grad_output_neither_allocates_nor_writes_images(device, weight, un
     assert len(buffers) == 2
     for buffer in buffers:
         buffer.data.fill_(123.0)  # .data: no version bump, so no "modified in place" error
-    with _Allocations() as allocations:
+    with Allocations() as allocations:
         (weight * (losses[0] + losses[1] + losses[2])).backward()
     for t in inputs[4:6]:
         assert torch.equal(t.grad, torch.full_like(t.grad, 123.0)) == untouched

@@ -470,7 +470,8 @@ def _reference(inputs, opts: LossOptions, shapes: LossShapes):
 
 
 KERNELS = machinery.register(machinery.LossKernels(
-    name="dreamer", input_terms=INPUT_TERMS, forward=_forward, forward_fake=_forward_fake,
+    name="dreamer", terms=lambda ints, n_inputs: INPUT_TERMS, forward=_forward,
+    forward_fake=_forward_fake,
     backward=_backward, empty_grad=_empty_grad, encode=_encode, reference=_reference,
 ))
 

@@ -101,7 +101,7 @@ def _sum_range(ptr, lo, hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _multiplier(t: tl.constexpr, m0, m1, m2, m3, m4, ACC: tl.constexpr):
+def _pick(t: tl.constexpr, m0, m1, m2, m3, m4):
     if t == 0:
         m = m0
     elif t == 1:
@@ -112,7 +112,7 @@ def _multiplier(t: tl.constexpr, m0, m1, m2, m3, m4, ACC: tl.constexpr):
         m = m3
     else:
         m = m4
-    return scalar(m, ACC)
+    return m
 
 
 @triton.jit
@@ -124,6 +124,12 @@ def finalize_kernel(
     """One program: ``outs[t] = m_t × Σ partials[ranges[t]]`` for each output, in a fixed order.
     Output ``CLAMP`` (if any) is ``m × max(Σ, clamp_value)``, and ``keep[t]`` is 1 where the
     output passes its gradient (torch's ``clamp_min`` passes it where ``x >= min``), 0 otherwise."""
+    # In ACC first: Triton's interpreter would pass Python floats to a jit function as fp32.
+    m0 = scalar(m0, ACC)
+    m1 = scalar(m1, ACC)
+    m2 = scalar(m2, ACC)
+    m3 = scalar(m3, ACC)
+    m4 = scalar(m4, ACC)
     for t in tl.static_range(N_OUT):
         total = _sum_range(partials_ptr, ranges[t][0], ranges[t][1], BLOCK, ACC)
         keep = scalar(1.0, ACC)
@@ -131,8 +137,7 @@ def finalize_kernel(
             floor = scalar(clamp_value, ACC)
             keep = tl.where(total >= floor, 1.0, 0.0).to(ACC)
             total = tl.where(total < floor, floor, total)
-        tl.store(outs[t], (_multiplier(t, m0, m1, m2, m3, m4, ACC) * total)
-                 .to(outs[t].dtype.element_ty))
+        tl.store(outs[t], (_pick(t, m0, m1, m2, m3, m4) * total).to(outs[t].dtype.element_ty))
         tl.store(keep_ptr + t, keep)
 
 
@@ -215,8 +220,8 @@ class LossKernels:
 
     Attributes:
         name: the loss's name in the custom ops (``"dreamer"``, ``"dreamer_v3"``).
-        input_terms: for each input tensor, the output (term) whose ``grad_output`` scales its
-            gradient; every input's gradient depends on one output only.
+        terms: ``(ints, n_inputs) -> tuple``: for each input tensor, the output (term) whose
+            ``grad_output`` scales its gradient; every input's gradient depends on one output only.
         forward: ``(inputs, floats, ints, needs) -> [*losses, keep, *grads]``: launches the main
             kernel and the finalize; ``grads`` holds the gradient of each input in ``needs``, as if
             ``grad_output`` were 1, in the layout :attr:`empty_grad` gives.
@@ -232,17 +237,13 @@ class LossKernels:
     """
 
     name: str
-    input_terms: tuple[int, ...]
+    terms: Callable[[Sequence[int], int], tuple[int, ...]]
     forward: Callable[..., list[torch.Tensor]]
     forward_fake: Callable[..., list[torch.Tensor]]
     backward: Callable[..., None]
     empty_grad: Callable[[Sequence[Optional[torch.Tensor]], int], torch.Tensor]
     encode: Callable[[Any, Any], tuple[list[float], list[int]]]
     reference: Callable[..., Sequence[torch.Tensor]]
-
-    @property
-    def n_inputs(self) -> int:
-        return len(self.input_terms)
 
 
 LOSSES: dict[str, LossKernels] = {}
@@ -332,20 +333,21 @@ class FusedLossFunction(torch.autograd.Function):
             ctx.save_for_backward(*inputs, keep, *made)
             ctx.kernels, ctx.options, ctx.shapes = kernels, options, shapes
             ctx.needs, ctx.floats, ctx.ints = needs, floats, ints
+            ctx.input_terms = kernels.terms(ints, len(inputs))
             ctx.handed_out = [False] * n_out
         return tuple(losses)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
         kernels = ctx.kernels
-        n = kernels.n_inputs
+        n = len(ctx.needs)
         saved = ctx.saved_tensors  # raises if an input was modified in place since the forward
         inputs, keep, made = list(saved[:n]), saved[n], saved[n + 1:]
         if torch.is_grad_enabled() or not kernels_can_take(grad_outputs):
             grads = _differentiable_gradients(kernels, ctx, inputs, grad_outputs)
         else:
             active = [g is not None for g in grad_outputs]
-            wanted = [need and active[term] for need, term in zip(ctx.needs, kernels.input_terms)]
+            wanted = [need and active[term] for need, term in zip(ctx.needs, ctx.input_terms)]
             if torch.compiler.is_compiling():
                 fresh = gradients_op(kernels.name, inputs, ctx.floats, ctx.ints, keep,
                                      list(grad_outputs), wanted)
@@ -363,7 +365,7 @@ def _eager_gradients(ctx, inputs, keep, made, grad_outputs, wanted):
     kernels = ctx.kernels
     forward_grads = by_input(made, ctx.needs)
     grads = []
-    for i, (w, term) in enumerate(zip(wanted, kernels.input_terms)):
+    for i, (w, term) in enumerate(zip(wanted, ctx.input_terms)):
         if not w:
             grads.append(None)
         elif ctx.handed_out[term]:
@@ -373,7 +375,7 @@ def _eager_gradients(ctx, inputs, keep, made, grad_outputs, wanted):
     if any(wanted):
         kernels.backward(inputs, ctx.floats, ctx.ints, keep, list(grad_outputs), grads,
                          [not h for h in ctx.handed_out])
-    for w, term in zip(wanted, kernels.input_terms):
+    for w, term in zip(wanted, ctx.input_terms):
         if w:
             ctx.handed_out[term] = True
     return grads
