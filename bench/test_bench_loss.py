@@ -1,7 +1,9 @@
 """pytest-benchmark suite: ``pytest bench/ --benchmark-only``.
 
-The same implementations and inputs as the CLI (``fused_dreamer_loss.bench``); tiny on a CPU, small
-and default on a GPU. Not part of the default test run (``testpaths`` is ``tests``).
+The same implementations and inputs as the CLI (``fused_dreamer_loss.bench``), for both losses: the
+Dreamer loss on tiny on a CPU, small and default on a GPU; the DreamerV3 loss (its default
+convention, dreamerv3-2024) on v3-tiny on a CPU, v3 and v3-large on a GPU. Not part of the default
+test run (``testpaths`` is ``tests``).
 """
 
 from __future__ import annotations
@@ -12,20 +14,24 @@ import torch
 from fused_dreamer_loss import bench
 
 CUDA = torch.cuda.is_available()
-PRESETS = ["small", "default"] if CUDA else ["tiny"]
 DEVICE = "cuda" if CUDA else "cpu"
+CASES = [
+    (bench.V1Case("l2"), ["small", "default"] if CUDA else ["tiny"]),
+    (bench.V3Case(bench.DEFAULT_CONVENTION, "l2"), ["v3", "v3-large"] if CUDA else ["v3-tiny"]),
+]
+PARAMS = [(case, preset) for case, presets in CASES for preset in presets]
 
 
 @pytest.mark.parametrize("mode", bench.MODES)
 @pytest.mark.parametrize("impl", bench.IMPLS)
-@pytest.mark.parametrize("preset", PRESETS)
-def test_loss(benchmark, preset, impl, mode):
+@pytest.mark.parametrize("case,preset", PARAMS, ids=[f"{c.loss}-{p}" for c, p in PARAMS])
+def test_loss(benchmark, case, preset, impl, mode):
     if impl == "fused" and not CUDA:
         pytest.skip("speed figures for the fused kernels need a CUDA GPU")
     if impl == "torchrl":
         pytest.importorskip("torchrl")
-    inputs = bench.make_inputs(preset, torch.float32, DEVICE, seed=0)
-    step = bench.step_fn(bench.loss_fn(impl, "l2"), inputs, mode)
+    inputs = case.inputs(preset, torch.float32, DEVICE, seed=0)
+    step = bench.step_fn(case.fn(impl, DEVICE), inputs, mode)
     step()  # compile / warm up outside the timing
 
     def run():

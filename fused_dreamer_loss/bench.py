@@ -1,13 +1,16 @@
-"""Benchmark CLI: the fused Dreamer loss against eager torch, torch.compile and torchrl.
+"""Benchmark CLI: the fused Dreamer losses against eager torch, torch.compile and torchrl.
 
 Run ``fused-dreamer-loss-bench --help`` (or ``python -m fused_dreamer_loss.bench --help``).
 From Python: :func:`run` returns the report (a dict, the ``--json`` schema), :func:`main` the exit
 status (0, or 1 when a fused result was wrong or an implementation crashed).
 
+``--loss v1`` (the default) times the Dreamer loss (:func:`dreamer_model_loss`), ``--loss v3`` the
+DreamerV3 loss (:func:`dreamer_v3_model_loss`) with the options of one of :data:`V3_CONVENTIONS`.
 Every implementation is timed on the same inputs, and every row reports the achieved bandwidth under
-one minimal-traffic model (DESIGN §3: each input read once, each needed gradient written once), so
-GB/s ratios are speed ratios. On CUDA the timer is ``triton.testing.do_bench`` (median) over
-several input sets in rotation, next to a device-to-device copy measured in the same run.
+one minimal-traffic model (DESIGN §3, DESIGN-V3 §5: each input read once, each needed gradient
+written once), so GB/s ratios are speed ratios. On CUDA the timer is ``triton.testing.do_bench``
+(median) over several input sets in rotation, next to a device-to-device copy measured in the same
+run.
 
 Without CUDA the fused kernels run through Triton's interpreter: they are checked against the
 float64 reference and their launches counted, but not timed (the interpreter's speed says nothing
@@ -30,22 +33,37 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
-from . import reference
+from . import reference, reference_v3
+from ._validation_v3 import V3Options
+from .conventions import V3_CONVENTIONS
 from .functional import _triton_kernels, dreamer_model_loss
+from .functional_v3 import dreamer_v3_model_loss
 
+LOSSES = ("v1", "v3")
 PRESETS = {
-    # name: (batch, time, image shape, latent dim)
+    # name: (batch, time, image shape, latent dim): the Dreamer loss (--loss v1)
     "tiny": (4, 8, (3, 16, 16), 30),
     "small": (16, 50, (3, 64, 64), 30),
     "default": (200, 50, (3, 64, 64), 30),
     "large": (1024, 64, (3, 64, 64), 30),
-    "v3": (16, 64, (3, 64, 64), 1024),
+    "v1-wide-latents": (16, 64, (3, 64, 64), 1024),
 }
+V3_PRESETS = {
+    # name: (batch, time, uint8 image shape, categoricals, classes): the DreamerV3 loss
+    # (--loss v3), DESIGN-V3 §6
+    "v3-tiny": (2, 4, (3, 8, 8), 4, 4),
+    "v3": (16, 64, (3, 64, 64), 32, 32),
+    "v3-r2": (16, 64, (3, 64, 64), 32, 16),
+    "v3-large": (256, 64, (3, 64, 64), 32, 64),
+}
+#: The options of a --loss v3 run unless --convention names others.
+DEFAULT_CONVENTION = "dreamerv3-2024"
 IMPLS = ("fused", "eager", "compiled", "torchrl")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +75,18 @@ COPY_BYTES = 1 << 30
 #: Inputs that need a gradient in a training step: the latents, the decoded frames, the predicted
 #: reward (not the targets).
 NEEDS_GRAD = (True, True, True, True, False, True, False, True)
+#: The same for the DreamerV3 loss, in its argument order (posterior and prior logits, pixels,
+#: reco_pixels, true_reward, reward logits, continue logits, terminated): the network's outputs.
+V3_NEEDS_GRAD = (True, True, False, True, False, True, True, False)
+#: The names of those arguments.
+V3_ARGS = ("posterior_logits", "prior_logits", "pixels", "reco_pixels", "true_reward",
+           "reward_pred", "continue_pred", "terminated")
+#: The dtypes of the DreamerV3 loss's targets whatever ``--dtype`` (which is the network outputs'):
+#: what a replay buffer holds.
+V3_TARGET_DTYPES = {"pixels": torch.uint8, "true_reward": torch.float32, "terminated": torch.bool}
+#: What torchrl's DreamerV3ModelLoss computes for the options it does not take: a convention that
+#: asks for another value has no torchrl row.
+TORCHRL_V3_FIXED = {"two_hot_space": "raw", "pixels_scale": 1.0 / 255.0, "pixels_offset": 0.0}
 CPU_REPEATS = 25
 #: ATen operators that move no tensor data (allocation, views, dtype and shape queries): not
 #: counted as launches on a CPU.
@@ -96,8 +126,14 @@ class Row:
     extra: dict = field(default_factory=dict)
     #: Kernel launches of one step (see :func:`count_launches`); None where not counted.
     launches: int | None = None
-    #: Bytes one step moves under the minimal-traffic model (:func:`minimal_bytes`).
+    #: Bytes one step moves under the minimal-traffic model (:func:`minimal_bytes`,
+    #: :func:`minimal_bytes_v3`).
     model_bytes: int | None = None
+    #: Which loss: "v1" (the Dreamer loss) or "v3" (the DreamerV3 loss, whose ``latent_dim`` is
+    #: categoricals × classes, ``latent_shape`` the two, ``convention`` its options).
+    loss: str = "v1"
+    convention: str | None = None
+    latent_shape: list[int] | None = None
 
 
 def minimal_bytes(frames: int, image_numel: int, latent_dim: int, itemsize: int, mode: str) -> int:
@@ -157,6 +193,126 @@ def loss_fn(impl: str, reco_loss: str) -> Callable:
     return torchrl_loss_fn(reco_loss)
 
 
+def minimal_bytes_v3(rows: int, image_numel: int, logits: int, reward_bins: int, continues: bool,
+                     itemsize: int, mode: str) -> int:
+    """Fewest bytes a pass of the DreamerV3 loss must move (DESIGN-V3 §5): read each input once
+    and, for fwd+bwd, write the gradient of each network output once. Per row, the outputs
+    (``itemsize`` bytes an element) are the predicted frame, the posterior and prior logits
+    (``logits`` each), the reward logits and, when the convention ``continues``, the continue
+    logit; the targets (in :data:`V3_TARGET_DTYPES`, read only) the frame, the reward and the
+    terminal flag."""
+    outputs = image_numel + 2 * logits + reward_bins + continues
+    targets = (image_numel * V3_TARGET_DTYPES["pixels"].itemsize
+               + V3_TARGET_DTYPES["true_reward"].itemsize
+               + continues * V3_TARGET_DTYPES["terminated"].itemsize)
+    passes = 2 if mode == "fwd+bwd" else 1
+    return rows * (outputs * itemsize * passes + targets)
+
+
+def make_v3_inputs(preset: str, dtype: torch.dtype, device: str, seed: int,
+                   opts: V3Options) -> list[torch.Tensor]:
+    """The arguments of :func:`dreamer_v3_model_loss` for ``preset`` (:data:`V3_ARGS`): the
+    network's outputs in ``dtype`` (logits ~ 2·N(0, 1), predicted frames in [−0.5, 1.5)), the
+    targets in :data:`V3_TARGET_DTYPES` (frames in 0…255, rewards ~ 3·N(0, 1), 5% terminal); the
+    continue logits and terminal flags only when ``opts`` has the continue term."""
+    batch, steps, image, categoricals, classes = V3_PRESETS[preset]
+    g = torch.Generator(device).manual_seed(seed)
+    B = (batch, steps)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device=device) * scale
+
+    tensors = [
+        randn(*B, categoricals, classes, scale=2.0),
+        randn(*B, categoricals, classes, scale=2.0),
+        torch.randint(0, 256, (*B, *image), generator=g, device=device,
+                      dtype=V3_TARGET_DTYPES["pixels"]),
+        torch.rand(*B, *image, generator=g, device=device) * 2.0 - 0.5,
+        randn(*B, 1, scale=3.0).to(V3_TARGET_DTYPES["true_reward"]),
+        randn(*B, opts.reward_width),
+        randn(*B, 1, scale=2.0),
+        torch.rand(*B, 1, generator=g, device=device) < 0.05,
+    ]
+    inputs = [t.to(dtype).requires_grad_() if needs_grad else t
+              for t, needs_grad in zip(tensors, V3_NEEDS_GRAD)]
+    return inputs if opts.has_continue else inputs[:-2]
+
+
+def torchrl_v3_loss_fn(opts: V3Options, device: str) -> Callable:
+    """torchrl's DreamerV3ModelLoss without a world model: its functions (categorical_kl_terms or
+    categorical_kl_balanced, symlog, two_hot_cross_entropy) and reductions called on the same
+    tensors as its forward calls them; the losses under its names."""
+    import torch.nn.functional as F
+    from torchrl.objectives import dreamer_v3 as trl
+
+    reward_bins = trl._default_bins(opts.num_reward_bins, device=device)  # the module's buffer
+
+    def fn(posterior_logits, prior_logits, pixels, reco_pixels, true_reward, reward_logits,
+           continue_pred=None, terminated=None):
+        if opts.kl_mode == "separate":
+            dynamic, representation = trl.categorical_kl_terms(
+                posterior_logits, prior_logits, free_nats=opts.free_bits, unimix=opts.unimix)
+            kl = {"loss_model_dynamic":
+                  opts.lambda_kl * opts.lambda_dynamic * dynamic.unsqueeze(-1),
+                  "loss_model_representation":
+                  opts.lambda_kl * opts.lambda_representation * representation.unsqueeze(-1)}
+        else:
+            kl = {"loss_model_kl": opts.lambda_kl * trl.categorical_kl_balanced(
+                posterior_logits, prior_logits, alpha=opts.kl_alpha,
+                free_bits=opts.free_bits).unsqueeze(-1)}
+        target, prediction = pixels.contiguous(), reco_pixels.contiguous()
+        if opts.reco_symlog:
+            target, prediction = trl.symlog(target), trl.symlog(prediction)
+        else:
+            if not target.is_floating_point():
+                target = target.float() / 255.0
+            prediction = prediction.float()
+        error = target - prediction
+        reconstruction = error.pow(2) if opts.reco_loss == "l2" else error.abs()
+        if not opts.global_average:
+            reconstruction = reconstruction.reshape(*true_reward.shape[:-1], -1).sum(-1)
+        heads = [reconstruction.mean().unsqueeze(-1)]
+        reward = trl.two_hot_cross_entropy(reward_logits, true_reward, reward_bins)
+        losses = {"loss_model_reco": opts.lambda_reco * sum(heads),  # its sum over the heads
+                  "loss_model_reward": opts.lambda_reward * reward.mean().unsqueeze(-1), **kl}
+        if opts.has_continue:
+            target = (~terminated).float() * opts.continue_target_scale
+            bce = F.binary_cross_entropy_with_logits(continue_pred.squeeze(-1), target.squeeze(-1))
+            losses["loss_model_continue"] = opts.lambda_continue * bce.unsqueeze(-1)
+        return losses
+
+    return fn
+
+
+def torchrl_v3_gap(options: Mapping) -> str | None:
+    """Why torchrl's DreamerV3ModelLoss cannot compute the loss of ``options`` (keyword arguments
+    of :func:`dreamer_v3_model_loss`), or None when it can."""
+    asked = [name for name, value in TORCHRL_V3_FIXED.items() if options.get(name, value) != value]
+    if not asked:
+        return None
+    return ("torchrl's DreamerV3ModelLoss has no "
+            + ", ".join(f"{name}={options[name]!r}" for name in asked) + " (it computes "
+            + ", ".join(f"{name}={TORCHRL_V3_FIXED[name]!r}" for name in asked) + ")")
+
+
+def loss_fn_v3(impl: str, options: Mapping, device: str) -> Callable:
+    """``impl``'s DreamerV3 loss with ``options``: a function of the :data:`V3_ARGS` that returns
+    the losses by name."""
+    if impl == "fused":
+        return lambda *t: dreamer_v3_model_loss(*t, **options, backend="triton")
+    if impl == "eager":
+        return lambda *t: reference_v3.dreamer_v3_model_loss(*t, **options)
+    if impl == "compiled":
+        return torch.compile(lambda *t: reference_v3.dreamer_v3_model_loss(*t, **options))
+    return torchrl_v3_loss_fn(V3Options(**options), device)
+
+
+def _terms(losses) -> tuple[torch.Tensor, ...]:
+    """The losses of one call: the Dreamer loss's tuple, or the values of the DreamerV3 loss's
+    dict."""
+    return tuple(losses.values()) if isinstance(losses, Mapping) else tuple(losses)
+
+
 def step_fn(fn: Callable, inputs: list[torch.Tensor], mode: str) -> Callable[[], None]:
     wanted = [t for t in inputs if t.requires_grad]
     if mode == "fwd":
@@ -165,7 +321,7 @@ def step_fn(fn: Callable, inputs: list[torch.Tensor], mode: str) -> Callable[[],
                 fn(*inputs)
     else:
         def step():
-            torch.autograd.grad(fn(*inputs), wanted)
+            torch.autograd.grad(_terms(fn(*inputs)), wanted)
     return step
 
 
@@ -216,22 +372,41 @@ def fused_rtol(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 2e-2
 
 
+def _disagreement(pairs, dtype: torch.dtype) -> str | None:
+    """The first ``(what, fused, float64 reference)`` of ``pairs`` whose relative error exceeds
+    :func:`fused_rtol`, said in words; None when all agree."""
+    rtol = fused_rtol(dtype)
+    for what, a, b in pairs:
+        err = float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
+        if not math.isfinite(err) or err > rtol:
+            return f"{what}: relative error {err:.2e} > {rtol:.0e}"
+    return None
+
+
 def check_fused(inputs: list[torch.Tensor], reco_loss: str) -> str | None:
     """Why the fused result differs from the float64 reference, or None when it agrees."""
-    dtype = inputs[0].dtype
     leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
     want = [t for t in leaves if t.requires_grad]
     ref = reference.dreamer_model_loss(*leaves, reco_loss=reco_loss)
     ref_grads = torch.autograd.grad(ref, want)
     out = dreamer_model_loss(*inputs, reco_loss=reco_loss, backend="triton")
     grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad])
-    rtol = fused_rtol(dtype)
-    for what, a, b in [*zip(("loss_kl", "loss_reco", "loss_reward"), out, ref),
-                       *zip(("grad",) * 6, grads, ref_grads)]:
-        err = float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
-        if not math.isfinite(err) or err > rtol:
-            return f"{what}: relative error {err:.2e} > {rtol:.0e}"
-    return None
+    return _disagreement([*zip(("loss_kl", "loss_reco", "loss_reward"), out, ref),
+                          *zip(("grad",) * 6, grads, ref_grads)], inputs[0].dtype)
+
+
+def check_fused_v3(inputs: list[torch.Tensor], options: Mapping) -> str | None:
+    """Why the fused DreamerV3 result (each loss, and the gradient of each input that needs one)
+    differs from the float64 reference, or None when it agrees."""
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+              for t in inputs]
+    ref = reference_v3.dreamer_v3_model_loss(*leaves, **options)
+    ref_grads = torch.autograd.grad(_terms(ref), [t for t in leaves if t.requires_grad])
+    out = dreamer_v3_model_loss(*inputs, **options, backend="triton")
+    grads = torch.autograd.grad(_terms(out), [t for t in inputs if t.requires_grad])
+    names = [f"grad {name}" for name, t in zip(V3_ARGS, inputs) if t.requires_grad]
+    return _disagreement([*((name, out[name], ref[name]) for name in ref),
+                          *zip(names, grads, ref_grads)], inputs[0].dtype)
 
 
 #: The module ``python -m`` runs when the command restarts itself (see :func:`main`).
@@ -368,25 +543,124 @@ def _count_launches_or_none(row: Row, step: Callable[[], None], cuda: bool) -> N
         row.extra["launches_error"] = f"{type(exc).__name__}: {exc}"
 
 
-def run_config(impl, preset, dtype_name, mode, reco_loss, device, copy,
+@dataclass(frozen=True)
+class V1Case:
+    """What a ``--loss v1`` run measures: the Dreamer loss with one reconstruction distance."""
+
+    reco_loss: str
+    loss = "v1"
+    losses = 3
+
+    def row(self, impl: str, preset: str, dtype_name: str, mode: str) -> Row:
+        batch, steps_, image, latent_dim = PRESETS[preset]
+        return Row(impl, preset, batch * steps_, list(image), latent_dim, dtype_name, mode, None,
+                   None, None)
+
+    def describe(self, preset: str) -> str:
+        batch, steps_, image, latent_dim = PRESETS[preset]
+        return f"{batch * steps_} frames of {'x'.join(map(str, image))}, {latent_dim} latents"
+
+    def model_bytes(self, preset: str, itemsize: int, mode: str) -> int:
+        batch, steps_, image, latent_dim = PRESETS[preset]
+        return minimal_bytes(batch * steps_, math.prod(image), latent_dim, itemsize, mode)
+
+    def inputs(self, preset: str, dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:
+        return make_inputs(preset, dtype, device, seed)
+
+    def check(self, inputs: list[torch.Tensor]) -> str | None:
+        return check_fused(inputs, self.reco_loss)
+
+    def fn(self, impl: str, device: str) -> Callable:
+        return loss_fn(impl, self.reco_loss)
+
+    def not_applicable(self, impl: str) -> str | None:
+        return None
+
+    def checked(self) -> str:
+        return "the three losses and the six gradients"
+
+
+@dataclass(frozen=True)
+class V3Case:
+    """What a ``--loss v3`` run measures: the DreamerV3 loss with the options of ``convention``
+    (:data:`V3_CONVENTIONS`) and one reconstruction distance."""
+
+    convention: str
+    reco_loss: str
+    loss = "v3"
+
+    @property
+    def options(self) -> dict:
+        """The keyword arguments of :func:`dreamer_v3_model_loss`."""
+        return {**V3_CONVENTIONS[self.convention], "reco_loss": self.reco_loss}
+
+    @property
+    def opts(self) -> V3Options:
+        return V3Options(**self.options)
+
+    @property
+    def losses(self) -> int:
+        return 2 + (2 if self.opts.kl_mode == "separate" else 1) + self.opts.has_continue
+
+    def row(self, impl: str, preset: str, dtype_name: str, mode: str) -> Row:
+        batch, steps_, image, categoricals, classes = V3_PRESETS[preset]
+        return Row(impl, preset, batch * steps_, list(image), categoricals * classes, dtype_name,
+                   mode, None, None, None, loss="v3", convention=self.convention,
+                   latent_shape=[categoricals, classes])
+
+    def describe(self, preset: str) -> str:
+        batch, steps_, image, categoricals, classes = V3_PRESETS[preset]
+        return (f"{batch * steps_} frames of {'x'.join(map(str, image))} uint8, "
+                f"{categoricals}x{classes} categorical latents, {self.opts.reward_width} reward "
+                f"bins, continue {'on' if self.opts.has_continue else 'off'} "
+                f"({self.convention})")
+
+    def model_bytes(self, preset: str, itemsize: int, mode: str) -> int:
+        batch, steps_, image, categoricals, classes = V3_PRESETS[preset]
+        return minimal_bytes_v3(batch * steps_, math.prod(image), categoricals * classes,
+                                self.opts.reward_width, self.opts.has_continue, itemsize, mode)
+
+    def inputs(self, preset: str, dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:
+        return make_v3_inputs(preset, dtype, device, seed, self.opts)
+
+    def check(self, inputs: list[torch.Tensor]) -> str | None:
+        return check_fused_v3(inputs, self.options)
+
+    def fn(self, impl: str, device: str) -> Callable:
+        return loss_fn_v3(impl, self.options, device)
+
+    def not_applicable(self, impl: str) -> str | None:
+        return torchrl_v3_gap(self.options) if impl == "torchrl" else None
+
+    def checked(self) -> str:
+        needs_grad = V3_NEEDS_GRAD if self.opts.has_continue else V3_NEEDS_GRAD[:-2]
+        return f"the {self.losses} losses and the {sum(needs_grad)} gradients"
+
+
+def run_config(impl, preset, dtype_name, mode, case, device, copy,
                cuda_graph: bool = False) -> Row:
-    batch, steps_, image, latent_dim = PRESETS[preset]
-    frames, dtype = batch * steps_, DTYPES[dtype_name]
-    row = Row(impl, preset, frames, list(image), latent_dim, dtype_name, mode, None, None, None)
-    nbytes = minimal_bytes(frames, math.prod(image), latent_dim, dtype.itemsize, mode)
+    """One row of the loss workload: ``impl`` on ``case``'s loss (:class:`V1Case`,
+    :class:`V3Case`) at ``preset``."""
+    dtype = DTYPES[dtype_name]
+    row = case.row(impl, preset, dtype_name, mode)
+    nbytes = case.model_bytes(preset, dtype.itemsize, mode)
     row.model_bytes = nbytes
     cuda = device == "cuda"
+    unsupported = case.not_applicable(impl)
+    if unsupported:
+        row.status = f"n/a: {unsupported}"
+        return row
     skipped = skip_reason(impl, cuda)
     if skipped:
         row.status = skipped
         return row
-    sets = [make_inputs(preset, dtype, device, seed) for seed in range(ROTATION if cuda else 1)]
+    sets = [case.inputs(preset, dtype, device, seed) for seed in range(ROTATION if cuda else 1)]
     if impl == "fused":
-        wrong = check_fused(sets[0], reco_loss)
+        wrong = case.check(sets[0])
         if wrong:
             row.status = f"wrong: {wrong}"
             return row
-    fn = loss_fn(impl, reco_loss)
+    fn = case.fn(impl, device)
     steps = [step_fn(fn, inputs, mode) for inputs in sets]
     if impl == "fused" and not cuda:
         # Through Triton's interpreter: right answers and the launch count, no speed.
@@ -501,6 +775,8 @@ def header(report: dict) -> str:
                  "(bytes read + written)")
     else:
         line += "; no copy bandwidth (measured on CUDA only)"
+    if report.get("loss") == "v3":
+        line += f"; DreamerV3 loss, {report['convention']} options"
     if report.get("cuda_graph"):
         line += "; timed as CUDA-graph replays"
     if report.get("interpreter"):
@@ -551,7 +827,9 @@ def plot(report: dict, path: str) -> None:
     ax.set_xticklabels(["\n".join(g) for g in groups], fontsize=8)
     ax.set_ylabel("median ms per call (lower is better)")
     ax.set_yscale("log")
-    ax.set_title(f"Dreamer model loss on {report['device']}")
+    loss = ("DreamerV3 model loss, " + report["convention"] if report.get("loss") == "v3"
+            else "Dreamer model loss")
+    ax.set_title(f"{loss} on {report['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -561,27 +839,42 @@ def make_parser() -> argparse.ArgumentParser:
     """The command line's parser (also read by the README test, for the options it names)."""
     p = argparse.ArgumentParser(
         prog="fused-dreamer-loss-bench",
-        description="Time the Dreamer model loss: fused Triton kernels vs eager torch (our "
-                    "reference), torch.compile of it, and torchrl's own code. Reports median "
-                    "time, bandwidth under the minimal-traffic model, its fraction of the "
-                    "device's copy bandwidth, peak memory and speed-up vs eager.")
-    p.add_argument("--preset", nargs="+", choices=list(PRESETS),
-                   help="input sizes (frames = batch x time, 3x64x64 frames, 30 latents unless "
-                        "said): tiny 4x8 of 3x16x16; small 16x50; default 200x50 (torchrl's "
-                        "Dreamer); large 1024x64; v3 16x64 with 1024 latents. Default: small "
-                        "and default on a GPU, tiny on a CPU")
+        description="Time the Dreamer model loss (V1) or the DreamerV3 model loss: fused Triton "
+                    "kernels vs eager torch (our reference), torch.compile of it, and torchrl's "
+                    "own code. Reports median time, bandwidth under the minimal-traffic model, "
+                    "its fraction of the device's copy bandwidth, peak memory and speed-up vs "
+                    "eager.")
+    p.add_argument("--loss", choices=LOSSES, default="v1",
+                   help="v1: the Dreamer loss (dreamer_model_loss, torchrl's DreamerModelLoss); "
+                        "v3: the DreamerV3 loss (dreamer_v3_model_loss, torchrl's "
+                        "DreamerV3ModelLoss) with the options of --convention. Default: v1")
+    p.add_argument("--convention", choices=list(V3_CONVENTIONS),
+                   help=f"--loss v3 only: whose options (fused_dreamer_loss.V3_CONVENTIONS). "
+                        f"Default: {DEFAULT_CONVENTION}")
+    p.add_argument("--preset", nargs="+", choices=[*PRESETS, *V3_PRESETS],
+                   help="input sizes (frames = batch x time). --loss v1 (3x64x64 frames, 30 "
+                        "latents unless said): tiny 4x8 of 3x16x16; small 16x50; default 200x50 "
+                        "(torchrl's Dreamer); large 1024x64; v1-wide-latents 16x64 with 1024 "
+                        "latents. Default: small and default on a GPU, tiny on a CPU. --loss v3 "
+                        "(3x64x64 uint8 frames, S categoricals of K classes): v3-tiny 2x4 of "
+                        "3x8x8, 4x4; v3 16x64, 32x32; v3-r2 16x64, 32x16 (r2dreamer); v3-large "
+                        "256x64, 32x64. Default: v3 and v3-large on a GPU, v3-tiny on a CPU")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
-                   help="input dtype(s). Default: float32")
+                   help="input dtype(s); with --loss v3 the network outputs' (the targets stay "
+                        "uint8 frames, float32 rewards, bool terminal flags). Default: float32")
     p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES),
                    help="fwd: loss only, under no_grad; fwd+bwd: loss and the gradients of the "
-                        "latents, decoded frames and predicted reward. Default: both")
+                        "latents (v3: posterior and prior logits), decoded frames and predicted "
+                        "reward (v3: reward and continue logits). Default: both")
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS),
                    help="fused: our kernels (timed on CUDA; on a CPU checked and counted "
                         "through Triton's interpreter, not timed); eager: the pure-torch reference; "
                         "compiled: torch.compile of it (compile time reported apart); torchrl: "
-                        "torchrl's kl_loss + distance_loss. Default: all")
+                        "torchrl's kl_loss + distance_loss (v3: the functions of "
+                        "DreamerV3ModelLoss's forward; n/a for a convention with options torchrl "
+                        "lacks). Default: all")
     p.add_argument("--reco-loss", choices=DISTANCES, default="l2",
-                   help="reconstruction distance. Default: l2")
+                   help="reconstruction distance (--loss v3: l2 or l1). Default: l2")
     p.add_argument("--device", choices=["cuda", "cpu"],
                    help="where to run. Default: cuda when available, else cpu (the fused kernels "
                         "then run through Triton's interpreter: checked, launches counted, "
@@ -616,8 +909,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is available")
     if args.cuda_graph and args.device != "cuda":
         p.error("--cuda-graph needs --device cuda")
+    if args.loss == "v1":
+        if args.convention:
+            p.error("--convention: options of the DreamerV3 loss, for --loss v3")
+        presets, defaults = PRESETS, (["small", "default"], ["tiny"])
+    else:
+        if args.workload == "train-step":
+            p.error("--workload train-step: the V1 loss only (--loss v1)")
+        if args.reco_loss == "smooth_l1":
+            p.error("--reco-loss smooth_l1: the V1 loss only; --loss v3 takes l2 or l1")
+        args.convention = args.convention or DEFAULT_CONVENTION
+        presets, defaults = V3_PRESETS, (["v3", "v3-large"], ["v3-tiny"])
     if args.preset is None:
-        args.preset = ["small", "default"] if args.device == "cuda" else ["tiny"]
+        args.preset = defaults[0] if args.device == "cuda" else defaults[1]
+    others = [name for name in args.preset if name not in presets]
+    if others:
+        hint = ("; the V1 loss's 16x64 preset with 1024 latents is now v1-wide-latents"
+                if "v3" in others else "")
+        p.error(f"--preset {' '.join(others)}: not a preset of --loss {args.loss} "
+                f"({', '.join(presets)}){hint}")
     return args
 
 
@@ -633,10 +943,10 @@ def _progress(row: Row) -> str:
     return shown
 
 
-def _failed_row(impl: str, preset: str, dtype_name: str, mode: str, exc: Exception) -> Row:
-    batch, steps_, image, latent_dim = PRESETS[preset]
-    return Row(impl, preset, batch * steps_, list(image), latent_dim, dtype_name, mode, None, None,
-               None, status=f"failed: {type(exc).__name__}: {exc}")
+def _failed_row(case, impl: str, preset: str, dtype_name: str, mode: str, exc: Exception) -> Row:
+    row = case.row(impl, preset, dtype_name, mode)
+    row.status = f"failed: {type(exc).__name__}: {exc}"
+    return row
 
 
 def failures(report: dict) -> list[str]:
@@ -662,9 +972,10 @@ def run(argv: list[str] | None = None) -> dict:
     except ImportError:
         triton_version = None
     copy = copy_gbps() if cuda else None
+    case = V1Case(args.reco_loss) if args.loss == "v1" else V3Case(args.convention, args.reco_loss)
     report = {"device": device_name, "torch": torch.__version__, "triton": triton_version,
               "copy_gbps": copy, "cuda_graph": args.cuda_graph, "interpreter": interpreter,
-              "results": []}
+              "loss": args.loss, "convention": args.convention, "results": []}
     if cuda:
         print(f"{device_name}: copy {copy:.0f} GB/s", flush=True)
     else:
@@ -684,18 +995,16 @@ def run(argv: list[str] | None = None) -> dict:
         modes = args.mode
 
         def one(impl, preset, dtype, mode):
-            return run_config(impl, preset, dtype, mode, args.reco_loss, args.device, copy,
+            return run_config(impl, preset, dtype, mode, case, args.device, copy,
                               args.cuda_graph)
 
     for preset, dtype in itertools.product(args.preset, args.dtype):
         if args.workload == "loss":
-            batch, steps_, image, latent_dim = PRESETS[preset]
             sizes = ", ".join(
-                f"{m} {minimal_bytes(batch * steps_, math.prod(image), latent_dim, DTYPES[dtype].itemsize, m) / 1e6:.3g} MB"
+                f"{m} {case.model_bytes(preset, DTYPES[dtype].itemsize, m) / 1e6:.3g} MB"
                 for m in modes)
-            print(f"{preset} {dtype}: {batch * steps_} frames of {'x'.join(map(str, image))}, "
-                  f"{latent_dim} latents; modelled bytes per step (each input read once, each "
-                  f"gradient written once): {sizes}", flush=True)
+            print(f"{preset} {dtype}: {case.describe(preset)}; modelled bytes per step (each "
+                  f"input read once, each gradient written once): {sizes}", flush=True)
         for mode, impl in itertools.product(modes, args.impl):
             print(f"  {preset:>7} {dtype:>8} {mode:>7} {impl:>8} ...", end="", flush=True)
             try:
@@ -703,7 +1012,7 @@ def run(argv: list[str] | None = None) -> dict:
             except Exception as exc:  # report it, go on with the others, exit non-zero
                 print(" failed", flush=True)
                 traceback.print_exc()
-                row = _failed_row(impl, preset, dtype, mode, exc)
+                row = _failed_row(case, impl, preset, dtype, mode, exc)
             rows.append(row)
             print(f" {_progress(row)}", flush=True)
             if cuda:
@@ -717,15 +1026,15 @@ def run(argv: list[str] | None = None) -> dict:
     table = markdown(report)
     print(table)
     print("launches: kernels per step (CUDA: what the device ran; CPU: ATen operators that "
-          "compute, torch.compile's C++ kernels, Triton launches). fwd+bwd includes the 3 "
-          "grad-output fills of torch.autograd.grad.")
+          "compute, torch.compile's C++ kernels, Triton launches). fwd+bwd includes the "
+          f"{case.losses} grad-output fills of torch.autograd.grad, one per loss.")
     checked = sorted({(r.preset, r.dtype) for r in rows if r.impl == "fused" and
                       r.status.startswith("correct")})
     if checked:
         where = ", ".join(f"{p} {d}" for p, d in checked)
         rtols = ", ".join(sorted({f"{fused_rtol(DTYPES[d]):.0e}" for _, d in checked}))
-        print(f"fused: correct (interpreter) on {where}: the three losses and the six gradients "
-              f"agree with the float64 reference (relative error within {rtols}).")
+        print(f"fused: correct (interpreter) on {where}: {case.checked()} agree with the float64 "
+              f"reference (relative error within {rtols}).")
         print("Speed figures for the fused kernels need a CUDA GPU (the interpreter's speed says "
               "nothing about the kernels').")
     if args.json:

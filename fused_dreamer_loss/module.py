@@ -1,8 +1,21 @@
-"""``FusedDreamerModelLoss``: a tensordict module that is a drop-in for torchrl's DreamerModelLoss."""
+"""``FusedDreamerModelLoss``: a torchrl loss module, a drop-in for torchrl's DreamerModelLoss.
+
+Also the machinery both loss modules share (:class:`FusedDreamerModelLoss` and
+:class:`fused_dreamer_loss.FusedDreamerV3ModelLoss`):
+
+- :data:`LossModuleBase`, their base class, picked when this module is imported: torchrl's
+  ``LossModule`` when torchrl is importable, else tensordict's ``TensorDictModuleBase``, so the
+  package (and its functional API) works without torchrl.
+- key handling (``tensor_keys``, ``set_keys``) with torchrl's semantics and errors that name the
+  key;
+- :func:`torchrl_dtypes`: the dtypes torchrl's arithmetic would give a loss term, so that the
+  modules return torchrl's dtypes, autocast included.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,18 +24,198 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey, unravel_key
 
+from . import reference
 from ._validation import LossOptions, check_backend
 from .functional import dreamer_model_loss
 
+try:  # torchrl is optional: the modules are torchrl loss modules only where it is installed
+    from torchrl.objectives.common import LossModule as _TorchrlLossModule
+except ImportError:
+    _TorchrlLossModule = None
 
-class FusedDreamerModelLoss(TensorDictModuleBase):
-    """Dreamer world-model loss with fused kernels: the same arguments, keys, outputs and numbers as
-    torchrl's ``DreamerModelLoss``, and one more argument, ``backend``.
+#: Whether torchrl was importable when this module was imported.
+HAS_TORCHRL: bool = _TorchrlLossModule is not None
+
+#: The base class of both loss modules: ``torchrl.objectives.LossModule`` when torchrl is
+#: installed (so ``isinstance(loss, LossModule)`` holds and its API is inherited), else
+#: ``tensordict.nn.TensorDictModuleBase``.
+LossModuleBase: type = _TorchrlLossModule if HAS_TORCHRL else TensorDictModuleBase
+
+
+# ---- torchrl's dtypes ----------------------------------------------------------------------------
+
+_DTYPE_CACHE: dict = {}
+
+
+def _autocast_state(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in effect for ``device_type``, or None when autocast is off there."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type without autocast, e.g. "meta"
+        pass
+    return None
+
+
+def _run_probe(chain: Callable, dtypes: tuple[torch.dtype, ...], device: torch.device,
+               params: tuple) -> tuple[torch.dtype, ...] | None:
+    probes = [torch.ones(1, 1, dtype=dtype, device=device) for dtype in dtypes]
+    try:
+        out = chain(*probes, *params)
+    except (RuntimeError, TypeError, ValueError):  # torchrl's arithmetic would fail as well
+        return None
+    return tuple(t.dtype for t in out) if isinstance(out, (tuple, list)) else (out.dtype,)
+
+
+def torchrl_dtypes(chain: Callable, dtypes: tuple[torch.dtype, ...], device: torch.device,
+                   params: tuple = ()) -> tuple[torch.dtype, ...] | None:
+    """The dtypes ``chain`` returns on 1-element tensors of ``dtypes`` on ``device``, under the
+    autocast state now in effect; None where ``chain`` fails on them.
+
+    ``chain`` applies the kinds of ops torchrl applies to one loss term (a log, a softmax, a
+    ``mse_loss``, ...): autocast runs some of them in float32 (which ones depends on the device
+    type: ``log`` is on CUDA's float32 list, not on the CPU's), and torch's type promotion does the
+    rest, so the dtype ``chain`` returns is the dtype torchrl's term has. The result is cached per
+    ``(chain, dtypes, params, device type, autocast dtype)``: a 1-element probe runs once per new
+    combination (a few tiny kernels on a GPU; no host-device synchronisation), and under
+    ``torch.compile`` it is traced (its values unused) instead of cached.
+    """
+    if torch.compiler.is_compiling():
+        return _run_probe(chain, dtypes, device, params)
+    key = (chain, dtypes, params, device.type, _autocast_state(device.type))
+    try:
+        return _DTYPE_CACHE[key]
+    except KeyError:
+        result = _DTYPE_CACHE[key] = _run_probe(chain, dtypes, device, params)
+        return result
+
+
+def cast_to(loss: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``loss`` in ``dtype``, differentiably (itself if it has that dtype or ``dtype`` is None)."""
+    return loss if dtype is None or loss.dtype == dtype else loss.to(dtype)
+
+
+def _v1_dtype_chain(prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
+                    true_reward, pred_reward, reco_loss, reward_loss, global_average):
+    """The reference runs the ops torchrl's DreamerModelLoss runs, so its dtypes are torchrl's."""
+    opts = LossOptions(reco_loss=reco_loss, reward_loss=reward_loss, global_average=global_average)
+    return reference.checked_dreamer_model_loss(prior_mean, prior_std, posterior_mean,
+                                                posterior_std, pixels, reco_pixels, true_reward,
+                                                pred_reward, opts, 1)
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+
+def _is_nested_key(value: object) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, tuple) and bool(value)
+        and all(isinstance(v, str) or _is_nested_key(v) for v in value))
+
+
+def check_key(name: str, value: object, *, allow_list: bool = False) -> None:
+    """Raise a TypeError naming ``name`` unless ``value`` is a NestedKey (a str or a tuple of
+    them), or, with ``allow_list``, a non-empty list of NestedKeys."""
+    if allow_list and isinstance(value, list):
+        if value and all(_is_nested_key(v) for v in value):
+            return
+        raise TypeError(
+            f"set_keys({name}=...) takes a NestedKey or a non-empty list of them, got {value!r}")
+    if not _is_nested_key(value):
+        what = "a NestedKey (a str or a tuple of str)"
+        what += " or a list of them" if allow_list else ""
+        raise TypeError(f"set_keys({name}=...) takes {what}, got {type(value).__name__} {value!r}")
+
+
+class _TensorKeysMixin:
+    """``tensor_keys`` and ``set_keys`` as torchrl's LossModule has them, on either base class."""
+
+    #: Fields of ``_AcceptedKeys`` that may hold a list of keys (one per reconstruction head).
+    _list_keys: tuple[str, ...] = ()
+
+    @property
+    def tensor_keys(self):
+        """The keys in use: an ``_AcceptedKeys`` instance (change them with :meth:`set_keys`)."""
+        return self._tensor_keys
+
+    def set_keys(self, **kwargs: NestedKey | list[NestedKey] | None) -> None:
+        """Change the tensordict keys the loss reads (all under ``"next"``), e.g.
+        ``set_keys(pixels=("obs", "rgb"))``; ``None`` restores a key's default. Returns None, as
+        torchrl's ``LossModule.set_keys``.
+
+        Raises:
+            ValueError: a name that is not a field of ``_AcceptedKeys``.
+            TypeError: a value that is not a NestedKey (or, for the fields that take one, a list
+                of them). torchrl accepts any value here and fails later, reading the tensordict.
+        """
+        accepted = [f.name for f in dataclasses.fields(self._AcceptedKeys)]
+        for name, key in kwargs.items():
+            if name not in accepted:
+                raise ValueError(
+                    f"{name!r} is not an accepted tensordict key of {type(self).__name__}; "
+                    f"accepted: {accepted}")
+            if key is not None:
+                check_key(name, key, allow_list=name in self._list_keys)
+        for name, key in kwargs.items():
+            if key is None:
+                key = getattr(self.default_keys(), name)
+            setattr(self._tensor_keys, name, list(key) if isinstance(key, list) else key)
+        self._forward_value_estimator_keys(**kwargs)
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        """No value estimator to pass keys to (as torchrl's Dreamer model losses)."""
+
+    def _next(self, tensordict: TensorDictBase, name: str, what: str,
+              key: NestedKey | None = None) -> torch.Tensor:
+        """``tensordict["next", key]`` (``key`` defaults to the ``name`` key), or a KeyError
+        naming the key and how to change it."""
+        key = unravel_key(("next", getattr(self._tensor_keys, name) if key is None else key))
+        value = tensordict.get(key, None)
+        if value is None:
+            raise KeyError(
+                f"{key} (the {name!r} key) is missing from the {what}; set it with "
+                f"set_keys({name}=...) if your world model writes it elsewhere")
+        return value
+
+    def _clear_refs(self, *tds: TensorDictBase) -> None:
+        """torchrl's LossModule clears tensordict weakrefs under torch.compile; do the same."""
+        clear = getattr(self, "_clear_weakrefs", None)
+        if clear is not None:
+            clear(*tds)
+
+
+class FusedDreamerModelLoss(_TensorKeysMixin, LossModuleBase):
+    """Dreamer world-model loss with fused kernels: the same arguments, keys, outputs, numbers and
+    LossModule API as torchrl's ``DreamerModelLoss``, and one more argument, ``backend``.
 
     The loss is a KL divergence between the RSSM's prior and posterior (with a free-nats clamp), a
     reconstruction loss over the decoded observation and a reward loss (Hafner et al., 2019,
     https://arxiv.org/abs/1912.01603). On CUDA it runs the fused Triton kernels of
     :func:`fused_dreamer_loss.dreamer_model_loss`; elsewhere the pure-torch reference.
+
+    With torchrl installed this is a ``torchrl.objectives.LossModule`` and behaves as
+    ``DreamerModelLoss`` on the same world model: ``decoder`` and ``reward_model`` (the modules
+    ``world_model[0][-1]`` and ``world_model[1]`` of torchrl's ``WorldModelWrapper`` layout, held
+    outside the registered submodules, so the state dict has torchrl's names and loads strictly
+    either way), ``kl_loss``, ``normal_log_probability``, ``functional``,
+    ``convert_to_functional``, ``make_value_estimator`` (raises ``NotImplementedError``, as
+    torchrl's), ``vmap_randomness`` and ``reset_parameters_recursive`` (torchrl's resets the
+    modules the loss holds outside its registered submodules, the decoder and the reward model:
+    the encoder and RSSM keep their weights), ``set_keys`` (returns None). Without torchrl it is a
+    ``tensordict.nn.TensorDictModuleBase`` with the same arguments, keys and outputs, and
+    ``reset_parameters_recursive`` is tensordict's (it resets every parameter of the world model).
+
+    Where it differs from torchrl's:
+
+    - a world model without the ``WorldModelWrapper`` layout is accepted (``decoder`` and
+      ``reward_model`` are then None; torchrl raises a TypeError at construction);
+    - options are checked at construction and key values in ``set_keys``, with errors naming the
+      argument (torchrl fails later, or not at all);
+    - it has ``in_keys`` (the world model's) and ``out_keys`` (the three loss names); torchrl's
+      has neither, and its ``repr`` raises;
+    - the fused kernels accumulate in float32 (float64 for float64 inputs): the losses carry
+      torchrl's dtypes (under CPU bf16 autocast its KL is bfloat16, everything else float32), but
+      a bf16 KL is our float32 value rounded once, not bf16 arithmetic.
 
     Args:
         world_model (TensorDictModule): the world model; it reads the input tensordict and writes
@@ -138,32 +331,25 @@ class FusedDreamerModelLoss(TensorDictModuleBase):
         self.global_average = global_average
         self._tensor_keys = self._AcceptedKeys()
         self.in_keys = list(getattr(world_model, "in_keys", []))
-
-    @property
-    def tensor_keys(self) -> _AcceptedKeys:
-        """The keys in use (a dataclass instance; change them with :meth:`set_keys`)."""
-        return self._tensor_keys
-
-    def set_keys(self, **kwargs: NestedKey) -> FusedDreamerModelLoss:
-        """Change the tensordict keys this loss reads, e.g. ``set_keys(pixels=("obs", "rgb"))``.
-
-        Raises:
-            ValueError: a name that is not one of :class:`_AcceptedKeys`'s fields.
-        """
-        accepted = [f.name for f in dataclasses.fields(self._AcceptedKeys)]
-        for name, key in kwargs.items():
-            if name not in accepted:
-                raise ValueError(
-                    f"{name!r} is not an accepted tensordict key of {type(self).__name__}; "
-                    f"accepted: {accepted}"
-                )
-            setattr(self._tensor_keys, name, unravel_key(key))
-        return self
+        # As torchrl: held in __dict__, not registered, so they add no state-dict names (and
+        # LossModule.reset_parameters_recursive resets these two modules only).
+        decoder = reward_model = None
+        try:
+            decoder, reward_model = world_model[0][-1], world_model[1]
+        except (TypeError, IndexError, KeyError, AttributeError, NotImplementedError):
+            pass  # not torchrl's WorldModelWrapper layout (torchrl raises here)
+        self.__dict__["decoder"] = decoder
+        self.__dict__["reward_model"] = reward_model
 
     @classmethod
     def from_torchrl(cls, loss: Any, *, backend: str = "auto") -> FusedDreamerModelLoss:
         """Build the fused loss from a torchrl ``DreamerModelLoss``: the same world model (the
-        same module, so the same weights), options and keys."""
+        same module, so the same weights), options and keys.
+
+        Args:
+            loss (DreamerModelLoss): torchrl's loss.
+            backend (str, optional): as for the constructor. Default: ``"auto"``.
+        """
         fused = cls(
             loss.world_model, lambda_kl=loss.lambda_kl, lambda_reco=loss.lambda_reco,
             lambda_reward=loss.lambda_reward, reco_loss=loss.reco_loss,
@@ -174,15 +360,25 @@ class FusedDreamerModelLoss(TensorDictModuleBase):
         fused.set_keys(**dataclasses.asdict(loss.tensor_keys))
         return fused
 
-    def _next(self, tensordict: TensorDictBase, name: str, what: str) -> torch.Tensor:
-        key = unravel_key(("next", getattr(self._tensor_keys, name)))
-        value = tensordict.get(key, None)
-        if value is None:
-            raise KeyError(
-                f"{key} (the {name!r} key) is missing from the {what}; set it with "
-                f"set_keys({name}=...) if your world model writes it elsewhere"
-            )
-        return value
+    @staticmethod
+    def normal_log_probability(x: torch.Tensor, mean: torch.Tensor,
+                               std: torch.Tensor) -> torch.Tensor:
+        """The log-density of ``N(mean, std²)`` at ``x`` without its ``−½·log 2π`` constant, as
+        torchrl's ``DreamerModelLoss.normal_log_probability`` (``x`` cast to ``mean``'s dtype)."""
+        z = (x.to(mean.dtype) - mean) / std
+        return -0.5 * z.pow(2) - torch.log(std)
+
+    def kl_loss(self, prior_mean: torch.Tensor, prior_std: torch.Tensor,
+                posterior_mean: torch.Tensor, posterior_std: torch.Tensor) -> torch.Tensor:
+        """The KL term as torchrl's ``DreamerModelLoss.kl_loss`` returns it: 0-dim, clamped at
+        ``free_nats`` (per row sum, or after averaging with ``delayed_clamp``), without
+        ``lambda_kl``. Pure torch (the reference's KL); ``forward`` computes it fused."""
+        kl = reference.kl_divergence(prior_mean, prior_std, posterior_mean, posterior_std)
+        if not self.global_average:
+            kl = kl.sum(-1)
+        if self.delayed_clamp:
+            return kl.mean().clamp_min(self.free_nats)
+        return kl.clamp_min(self.free_nats).mean()
 
     def forward(self, tensordict: TensorDictBase) -> tuple[TensorDict, TensorDictBase]:
         """Run the world model on a shallow copy of ``tensordict`` and compute the three losses."""
@@ -197,16 +393,20 @@ class FusedDreamerModelLoss(TensorDictModuleBase):
         names = ("prior_mean", "prior_std", "posterior_mean", "posterior_std", "pixels",
                  "reco_pixels", "true_reward", "reward")
         tensors = [self._next(tensordict, name, written) for name in names]
-        loss_kl, loss_reco, loss_reward = dreamer_model_loss(
+        losses = dreamer_model_loss(
             *tensors, lambda_kl=self.lambda_kl, lambda_reco=self.lambda_reco,
             lambda_reward=self.lambda_reward, reco_loss=self.reco_loss,
             reward_loss=self.reward_loss, free_nats=self.free_nats,
             delayed_clamp=self.delayed_clamp, global_average=self.global_average,
             backend=self.backend,
         )
-        losses = TensorDict(
-            {"loss_model_kl": loss_kl.unsqueeze(-1), "loss_model_reco": loss_reco.unsqueeze(-1),
-             "loss_model_reward": loss_reward.unsqueeze(-1)},
+        dtypes = torchrl_dtypes(_v1_dtype_chain, tuple(t.dtype for t in tensors),
+                                tensors[0].device,
+                                (self.reco_loss, self.reward_loss, self.global_average))
+        out = TensorDict(
+            {name: cast_to(loss, dtype).unsqueeze(-1)
+             for name, loss, dtype in zip(self.out_keys, losses, dtypes or (None,) * 3)},
             batch_size=[],
         )
-        return losses, tensordict.data
+        self._clear_refs(tensordict, out)
+        return out, tensordict.data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -168,7 +169,7 @@ def test_set_keys_custom_and_nested(device):
     theirs = DreamerModelLoss(model, free_nats=0.5)
     theirs.set_keys(pixels=("obs", "rgb"), reco_pixels="decoded")
     ours = FusedDreamerModelLoss(model, free_nats=0.5)
-    assert ours.set_keys(pixels=("obs", "rgb"), reco_pixels="decoded") is ours
+    assert ours.set_keys(pixels=("obs", "rgb"), reco_pixels="decoded") is None  # as torchrl
     assert ours.tensor_keys.pixels == ("obs", "rgb")
     assert_parity(run(theirs, td, seed=6), run(ours, td, seed=6))
     from_theirs = FusedDreamerModelLoss.from_torchrl(theirs)
@@ -176,13 +177,16 @@ def test_set_keys_custom_and_nested(device):
     assert from_theirs.tensor_keys.reco_pixels == "decoded"
 
 
-def test_unknown_key_name(model):
+def test_unknown_key_name_or_bad_key(model):
     with pytest.raises(ValueError, match="'pixel' is not an accepted tensordict key"):
         FusedDreamerModelLoss(model).set_keys(pixel="rgb")
+    with pytest.raises(TypeError, match=r"set_keys\(pixels=\.\.\.\)"):
+        FusedDreamerModelLoss(model).set_keys(pixels=["a", "b"])  # one head only in V1
 
 
 def test_key_the_world_model_did_not_write(device, model):
-    loss = FusedDreamerModelLoss(model).set_keys(posterior_std="posterior_scale")
+    loss = FusedDreamerModelLoss(model)
+    loss.set_keys(posterior_std="posterior_scale")
     with pytest.raises(KeyError, match=r"\('next', 'posterior_scale'\).*world model's output"):
         loss(data(device, seed=7))
 
@@ -218,3 +222,119 @@ def test_works_with_a_deep_copied_world_model(device, model):
     clone = copy.deepcopy(loss)
     assert clone.world_model is not loss.world_model
     assert set(loss.state_dict()) == {f"world_model.{k}" for k in model.state_dict()}
+
+
+# ---- torchrl's LossModule behaviour --------------------------------------------------------------
+
+
+def test_is_a_torchrl_loss_module_with_its_api(model):
+    from torchrl.objectives.common import LossModule
+
+    ours, theirs = FusedDreamerModelLoss(model), DreamerModelLoss(model)
+    assert isinstance(ours, LossModule)
+    assert ours.functional is theirs.functional is True
+    assert ours.vmap_randomness == theirs.vmap_randomness
+    for loss in (ours, theirs):
+        with pytest.raises(NotImplementedError):
+            loss.make_value_estimator()
+        with pytest.raises(NotImplementedError):
+            loss.set_vmap_randomness("different")  # no vmap caller in either
+    ours.set_keys(pixels="rgb")
+    ours.set_keys(pixels=None)  # None restores the default, as torchrl
+    assert ours.tensor_keys.pixels == "pixels"
+    # convert_to_functional: the same parameters and state-dict names appear on both
+    for loss in (ours, theirs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "not part of the annotations"
+            loss.convert_to_functional(copy.deepcopy(model[1]), "extra_net")
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    assert (set(ours.extra_net_params.keys(True, True))
+            == set(theirs.extra_net_params.keys(True, True)))
+
+
+def test_decoder_reward_model_kl_loss_and_log_probability_as_torchrl(device, model):
+    ours, theirs = FusedDreamerModelLoss(model, free_nats=0.2), DreamerModelLoss(model,
+                                                                                  free_nats=0.2)
+    assert ours.decoder is theirs.decoder is model[0][-1]
+    assert ours.reward_model is theirs.reward_model is model[1]
+    assert {n for n, _ in ours.named_children()} == {n for n, _ in theirs.named_children()}
+    g = torch.Generator().manual_seed(9)
+    pm, qm, x = (torch.randn(BATCH, TIME, STATE, generator=g).to(device) for _ in range(3))
+    ps, qs = (torch.rand(BATCH, TIME, STATE, generator=g).to(device) + 0.2 for _ in range(2))
+    for global_average in (False, True):
+        for delayed_clamp in (False, True):
+            for loss in (ours, theirs):
+                loss.global_average, loss.delayed_clamp = global_average, delayed_clamp
+            torch.testing.assert_close(ours.kl_loss(pm, ps, qm, qs),
+                                       theirs.kl_loss(pm, ps, qm, qs))
+    torch.testing.assert_close(ours.normal_log_probability(x, qm, qs),
+                               theirs.normal_log_probability(x, qm, qs))
+
+
+def test_a_world_model_without_torchrls_layout(device):
+    """torchrl indexes world_model[0][-1] and world_model[1] (TypeError for other world models);
+    ours accepts any world model, with decoder and reward_model None."""
+    from fused_dreamer_loss.models import make_world_model
+
+    world = make_world_model((3, 8, 8), latent_dim=4)
+    with pytest.raises(TypeError):
+        DreamerModelLoss(world)
+    loss = FusedDreamerModelLoss(world)
+    assert loss.decoder is None and loss.reward_model is None
+    assert loss.in_keys == [("next", "pixels")]
+    assert loss.out_keys == ["loss_model_kl", "loss_model_reco", "loss_model_reward"]
+    assert "FusedDreamerModelLoss" in repr(loss)  # torchrl's repr raises (no in_keys)
+
+
+def test_state_dict_names_and_strict_loading_both_ways(device, model):
+    theirs = DreamerModelLoss(model)
+    torch.manual_seed(5)
+    ours = FusedDreamerModelLoss(world_model(device))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), n
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(1.0)
+    again = DreamerModelLoss(copy.deepcopy(model))
+    again.load_state_dict(ours.state_dict(), strict=True)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_reset_parameters_recursive_as_torchrl(model):
+    """torchrl's LossModule resets the modules a loss holds in its __dict__ rather than as
+    registered submodules: DreamerModelLoss holds its decoder and reward model there, so those
+    16 of the 34 parameters are reset, the encoder's and the RSSM's are not. Ours: the same ones,
+    to the same values."""
+    after, changed = {}, {}
+    for cls in (DreamerModelLoss, FusedDreamerModelLoss):
+        wm = copy.deepcopy(model)
+        before = {n: p.clone() for n, p in wm.named_parameters()}
+        torch.manual_seed(7)
+        cls(wm).reset_parameters_recursive()
+        after[cls] = dict(wm.named_parameters())
+        changed[cls] = {n for n, p in wm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed[FusedDreamerModelLoss] == changed[DreamerModelLoss]
+    assert len(changed[DreamerModelLoss]) == 16 and len(after[DreamerModelLoss]) == 34
+    assert all(n.startswith(("module.0.module.2.", "module.1.")) for n in changed[DreamerModelLoss])
+    for name, p in after[DreamerModelLoss].items():
+        assert torch.equal(after[FusedDreamerModelLoss][name], p), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_dtypes_as_torchrl(device, model, backend):
+    """Under CPU bf16 autocast torchrl's KL is bfloat16 (log and pow stay bf16 on the CPU) and the
+    reconstruction and reward float32 (mse_loss runs in float32): ours has the same dtypes, the
+    fused KL being its float32 value rounded once to bfloat16."""
+    td = data(device, seed=11)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        theirs = run(DreamerModelLoss(model, free_nats=0.0), td, seed=12)[0]
+        ours = run(FusedDreamerModelLoss(model, free_nats=0.0, backend=backend), td, seed=12)[0]
+    if device.type == "cpu":
+        assert theirs["loss_model_kl"].dtype == torch.bfloat16
+    for name in LOSS_NAMES:
+        assert ours[name].dtype == theirs[name].dtype, name
+        torch.testing.assert_close(ours[name].float(), theirs[name].float(), rtol=2e-2,
+                                   atol=1e-2, msg=lambda m: f"{name}: {m}")
