@@ -2,9 +2,9 @@
 # Everything the README's results come from, in one call of under 10 minutes on an H100: the test
 # suite with the compiled kernels (V1 and V3), then the benchmarks, most important first: the V3
 # and V1 tables timed as CUDA-graph replays, the same launched from Python (forward-only rows too),
-# the train-step workload, per-kernel times and the tile sweep. Each step has a timeout, and all
-# of them together stay within BUDGET_S seconds (default 560): a step that would start too late
-# is reported as not run. JSON, Markdown, PNG and logs go to the folder given as first argument
+# the train-step workloads (V1, then V3), per-kernel times and the tile sweep. Each step has a
+# timeout, and all of them together stay within BUDGET_S seconds (default 560): a step that would
+# start too late is reported as not run. JSON, Markdown, PNG and logs go to the folder given as first argument
 # (default $OUT if set, else bench/results), named after the device.
 #
 #   bash bench/run_gpu_all.sh [FOLDER]             # from anywhere in the checkout
@@ -91,6 +91,8 @@ bench bench-v3 120 "${v3[@]}" "${all[@]}"
 bench bench 120 "${v1[@]}" "${all[@]}"
 bench train-step 60 --workload train-step --preset small default --dtype float32 bfloat16 \
   --impl fused eager
+bench train-step-v3 90 --workload train-step --loss v3 --preset v3 --dtype float32 bfloat16 \
+  --impl fused eager torchrl
 for preset in small default large; do
   for dtype in float32 bfloat16; do
     step 20 "kernel-times-$dev.txt" python3 bench/kernel_times.py "$preset" "$dtype"

@@ -87,6 +87,18 @@ V3_TARGET_DTYPES = {"pixels": torch.uint8, "true_reward": torch.float32, "termin
 #: What torchrl's DreamerV3ModelLoss computes for the options it does not take: a convention that
 #: asks for another value has no torchrl row.
 TORCHRL_V3_FIXED = {"two_hot_space": "raw", "pixels_scale": 1.0 / 255.0, "pixels_offset": 0.0}
+#: The widths of the V3 train step's world model (models_v3.CategoricalWorldModel) at each preset,
+#: whose latent is the preset's S categoricals of K classes. v3-tiny: a CPU smoke test. The others:
+#: 15 M parameters at v3, 25 M at v3-large, whose 16,384 frames of 3x64x64 make the world model's
+#: float32 forward save about 7 GiB for the backward (counted with saved-tensor hooks on 128
+#: frames, scaled): far within an H100's 80 GB.
+V3_WORLD_MODELS = {
+    "v3-tiny": {"channels": 4, "embed_dim": 32, "belief_dim": 32, "hidden_dim": 32},
+    **dict.fromkeys(("v3", "v3-r2", "v3-large"),
+                    {"channels": 16, "embed_dim": 256, "belief_dim": 256, "hidden_dim": 256}),
+}
+#: The implementations the V3 train step compares: the loss modules.
+V3_TRAIN_STEP_IMPLS = ("fused", "eager", "torchrl")
 CPU_REPEATS = 25
 #: ATen operators that move no tensor data (allocation, views, dtype and shape queries): not
 #: counted as launches on a CPU.
@@ -413,12 +425,19 @@ def check_fused_v3(inputs: list[torch.Tensor], options: Mapping) -> str | None:
 MODULE = "fused_dreamer_loss.bench"
 
 
+def checks_fused_on_cpu(args: argparse.Namespace) -> bool:
+    """Whether this run checks the fused kernels on the CPU (through Triton's interpreter): the
+    fused implementation asked for, on the CPU (no CUDA device, or ``--device cpu``), in the loss
+    workload or the V3 train step (the V1 train step skips its fused row on a CPU)."""
+    return (args.device == "cpu" and "fused" in args.impl
+            and (args.workload == "loss" or args.loss == "v3"))
+
+
 def wants_interpreter(args: argparse.Namespace) -> bool:
-    """Whether this run would put the fused kernels through Triton's interpreter: on the CPU (no
-    CUDA device, or ``--device cpu``), the fused implementation asked for, the loss workload, and
-    the user did not decide otherwise (``TRITON_INTERPRET`` unset) on a machine that has triton."""
-    return (args.device == "cpu" and "fused" in args.impl and args.workload == "loss"
-            and "TRITON_INTERPRET" not in os.environ
+    """Whether this run would put the fused kernels through Triton's interpreter: it checks them on
+    the CPU (:func:`checks_fused_on_cpu`) and the user did not decide otherwise
+    (``TRITON_INTERPRET`` unset) on a machine that has triton."""
+    return (checks_fused_on_cpu(args) and "TRITON_INTERPRET" not in os.environ
             and importlib.util.find_spec("triton") is not None)
 
 
@@ -576,6 +595,9 @@ class V1Case:
     def not_applicable(self, impl: str) -> str | None:
         return None
 
+    def train_step(self, impl: str, preset: str, dtype_name: str, device: str) -> Row:
+        return run_train_step(impl, preset, dtype_name, self.reco_loss, device)
+
     def checked(self) -> str:
         return "the three losses and the six gradients"
 
@@ -631,6 +653,9 @@ class V3Case:
 
     def not_applicable(self, impl: str) -> str | None:
         return torchrl_v3_gap(self.options) if impl == "torchrl" else None
+
+    def train_step(self, impl: str, preset: str, dtype_name: str, device: str) -> Row:
+        return run_train_step_v3(impl, preset, dtype_name, self, device)
 
     def checked(self) -> str:
         needs_grad = V3_NEEDS_GRAD if self.opts.has_continue else V3_NEEDS_GRAD[:-2]
@@ -703,6 +728,19 @@ def run_config(impl, preset, dtype_name, mode, case, device, copy,
     return row
 
 
+def _time_train_step(row: Row, steps: list[Callable[[], object]], cuda: bool) -> None:
+    """Time training ``steps`` (run once already, so that the optimizer holds its state) into
+    ``row``; on CUDA also the peak memory a step allocates beyond what is held between steps."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        steps[0]()
+        torch.cuda.synchronize()
+        row.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    row.median_ms = timed(steps, cuda)
+
+
 def run_train_step(impl: str, preset: str, dtype_name: str, reco_loss: str, device: str) -> Row:
     """One optimizer step of :class:`~fused_dreamer_loss.models.ConvWorldModel` with the loss of
     ``impl`` (fused or eager), under autocast for half dtypes."""
@@ -747,7 +785,106 @@ def run_train_step(impl: str, preset: str, dtype_name: str, reco_loss: str, devi
 
     steps = [make_step(*s) for s in sets]
     steps[0]()
-    row.median_ms = timed(steps, cuda)
+    _time_train_step(row, steps, cuda)
+    return row
+
+
+def make_v3_batch(preset: str, device: str, seed: int):
+    """A replay-buffer batch of ``preset`` for the V3 train step, as the loss modules read it: under
+    ``"next"``, uint8 frames, rewards ~ 3·N(0, 1) (float32) and terminal flags (5%)."""
+    from tensordict import TensorDict
+
+    batch, steps_, image, _, _ = V3_PRESETS[preset]
+    g = torch.Generator(device).manual_seed(seed)
+    B = (batch, steps_)
+    return TensorDict({"next": {
+        "pixels": torch.randint(0, 256, (*B, *image), generator=g, device=device,
+                                dtype=V3_TARGET_DTYPES["pixels"]),
+        "reward": torch.randn(*B, 1, generator=g, device=device) * 3.0,
+        "terminated": torch.rand(*B, 1, generator=g, device=device) < 0.05,
+    }}, batch_size=list(B), device=device)
+
+
+def world_model_loss_inputs(outputs, opts: V3Options) -> list[torch.Tensor]:
+    """The arguments of :func:`dreamer_v3_model_loss` (:data:`V3_ARGS`) that a loss module read
+    from ``outputs`` (its world model's output, detached): the network outputs as new leaves
+    that need a gradient."""
+    keys = ("posterior_logits", "prior_logits", "pixels", "reco_pixels", "true_reward",
+            "reward_logits", "continue_pred", "terminated")
+    inputs = [outputs["next", key].detach().requires_grad_(needs_grad) for key, needs_grad
+              in zip(keys, V3_NEEDS_GRAD)]
+    return inputs if opts.has_continue else inputs[:-2]
+
+
+def run_train_step_v3(impl: str, preset: str, dtype_name: str, case: V3Case, device: str) -> Row:
+    """One optimizer step (Adam) of :class:`~fused_dreamer_loss.models_v3.CategoricalWorldModel`
+    (:data:`V3_WORLD_MODELS`, the latent of ``preset``) through the loss module of ``impl`` with
+    ``case``'s options: :class:`~fused_dreamer_loss.FusedDreamerV3ModelLoss` with backend triton
+    (fused) or torch (eager), or torchrl's DreamerV3ModelLoss (n/a where it lacks the options).
+    The module's forward (world model and loss) runs under autocast for half dtypes.
+
+    The fused row is checked first: the fused loss of the world model's outputs in the first step
+    against the float64 reference (:func:`check_fused_v3`). On a CPU it is only checked (through
+    Triton's interpreter), not timed."""
+    from .models_v3 import make_world_model_v3
+    from .module_v3 import FusedDreamerV3ModelLoss
+
+    _, _, image, categoricals, classes = V3_PRESETS[preset]
+    cuda = device == "cuda"
+    row = case.row(impl, preset, dtype_name, "train-step")
+    row.extra["workload"] = "train-step"
+    if impl not in V3_TRAIN_STEP_IMPLS:
+        row.status = f"skipped: the V3 train-step compares {', '.join(V3_TRAIN_STEP_IMPLS)}"
+        return row
+    unsupported = case.not_applicable(impl)
+    if unsupported:
+        row.status = f"n/a: {unsupported}"
+        return row
+    skipped = skip_reason(impl, cuda)
+    if skipped:
+        row.status = skipped
+        return row
+    torch.manual_seed(0)
+    world_model = make_world_model_v3(image, num_categoricals=categoricals, num_classes=classes,
+                                      num_reward_bins=case.opts.num_reward_bins,
+                                      **V3_WORLD_MODELS[preset])
+    row.extra["world_model"] = {**V3_WORLD_MODELS[preset],
+                                "parameters": sum(p.numel() for p in world_model.parameters())}
+    if impl == "torchrl":
+        from torchrl.objectives import DreamerV3ModelLoss
+        options = {k: v for k, v in case.options.items() if k not in TORCHRL_V3_FIXED}
+        loss = DreamerV3ModelLoss(world_model, **options)
+    else:
+        loss = FusedDreamerV3ModelLoss(world_model, **case.options,
+                                       backend="triton" if impl == "fused" else "torch")
+    loss = loss.to(device)
+    optimizer = torch.optim.Adam(loss.parameters(), lr=1e-4)
+    dtype = DTYPES[dtype_name]
+
+    def make_step(data):
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                losses, outputs = loss(data)
+            sum(losses.values()).sum().backward()
+            optimizer.step()
+            return outputs
+        return step
+
+    steps = [make_step(make_v3_batch(preset, device, seed))
+             for seed in range(ROTATION if cuda else 1)]
+    outputs = steps[0]()
+    if impl == "fused":
+        wrong = case.check(world_model_loss_inputs(outputs, case.opts))
+        if wrong:
+            row.status = f"wrong: {wrong}"
+            return row
+        if not cuda:
+            row.status = ("correct (interpreter) on the world model's outputs; not timed (needs "
+                          "a CUDA GPU)")
+            row.extra["interpreter"] = True
+            return row
+    _time_train_step(row, steps, cuda)
     return row
 
 
@@ -885,9 +1022,13 @@ def make_parser() -> argparse.ArgumentParser:
                         "step). CUDA only")
     p.add_argument("--workload", choices=["loss", "train-step"], default="loss",
                    help="loss: the loss alone; train-step: one optimizer step of a small conv "
-                        "world model (fused_dreamer_loss.models) with the fused vs the eager "
-                        "loss, to see what the loss speed-up is worth in a real step. "
-                        "Default: loss")
+                        "world model, to see what the loss speed-up is worth in a real step: "
+                        "--loss v1, fused_dreamer_loss.models with the fused vs the eager loss; "
+                        "--loss v3, fused_dreamer_loss.models_v3 (the preset's categorical "
+                        "latents; 16 and 32 conv channels, 256-wide embedding, GRU and heads; "
+                        "narrower at v3-tiny) trained through FusedDreamerV3ModelLoss (fused: "
+                        "backend triton, checked and not timed on a CPU; eager: backend torch) "
+                        "and torchrl's DreamerV3ModelLoss. Default: loss")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results table as Markdown")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time per implementation and "
@@ -914,8 +1055,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--convention: options of the DreamerV3 loss, for --loss v3")
         presets, defaults = PRESETS, (["small", "default"], ["tiny"])
     else:
-        if args.workload == "train-step":
-            p.error("--workload train-step: the V1 loss only (--loss v1)")
         if args.reco_loss == "smooth_l1":
             p.error("--reco-loss smooth_l1: the V1 loss only; --loss v3 takes l2 or l1")
         args.convention = args.convention or DEFAULT_CONVENTION
@@ -964,7 +1103,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cuda = args.device == "cuda"
     use_interpreter(args)
-    interpreter = not cuda and "fused" in args.impl and args.workload == "loss" and interpreting()
+    interpreter = checks_fused_on_cpu(args) and interpreting()
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     try:
         import triton
@@ -990,7 +1129,7 @@ def run(argv: list[str] | None = None) -> dict:
         modes = ["train-step"]
 
         def one(impl, preset, dtype, mode):
-            return run_train_step(impl, preset, dtype, args.reco_loss, args.device)
+            return case.train_step(impl, preset, dtype, args.device)
     else:
         modes = args.mode
 
@@ -1005,6 +1144,9 @@ def run(argv: list[str] | None = None) -> dict:
                 for m in modes)
             print(f"{preset} {dtype}: {case.describe(preset)}; modelled bytes per step (each "
                   f"input read once, each gradient written once): {sizes}", flush=True)
+        else:
+            print(f"{preset} {dtype}: one training step (world model forward, loss, backward, "
+                  f"Adam) on {case.describe(preset)}", flush=True)
         for mode, impl in itertools.product(modes, args.impl):
             print(f"  {preset:>7} {dtype:>8} {mode:>7} {impl:>8} ...", end="", flush=True)
             try:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fused_dreamer_loss import V3_CONVENTIONS, bench
+from fused_dreamer_loss.models_v3 import CategoricalWorldModel
 
 ROW_KEYS = {"impl", "preset", "frames", "image_shape", "latent_dim", "dtype", "mode", "median_ms",
             "gbps", "peak_mem_mb", "frac_copy", "speedup_vs_eager", "compile_s", "status", "extra",
@@ -165,7 +166,7 @@ def test_installed_console_script(tmp_path):
     ["--preset", "huge"], ["--dtype", "int8"], ["--mode", "bwd"], ["--impl", "numpy"],
     ["--reco-loss", "l3"], ["--frames", "3"], ["--device", "cpu", "--cuda-graph"],
     ["--loss", "v2"], ["--convention", "dreamerv3-2024"], ["--loss", "v3", "--convention", "x"],
-    ["--loss", "v3", "--reco-loss", "smooth_l1"], ["--loss", "v3", "--workload", "train-step"],
+    ["--loss", "v3", "--reco-loss", "smooth_l1"],
 ])
 def test_bad_arguments_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -366,6 +367,98 @@ def test_check_fused_v3_catches_a_wrong_loss_or_gradient(monkeypatch):
     assert case.check(inputs).startswith("loss_model_reward: relative error 1.00e-03 > 1e-04")
 
 
+@pytest.mark.skipif(not CPU, reason="the CPU path: fused through Triton's interpreter")
+def test_v3_train_step_on_cpu(tmp_path, capsys):
+    """--workload train-step --loss v3 on a CPU (v3-tiny, dreamerv3-2024 by default), float32 and
+    under bf16 autocast: exit 0; the fused module's step checked through the interpreter, not
+    timed; eager and torchrl's module timed; the rows of the loss workload's schema."""
+    out = tmp_path / "train.json"
+    assert bench.main(["--workload", "train-step", "--loss", "v3", "--device", "cpu",
+                       "--dtype", "float32", "bfloat16", "--impl", "fused", "eager", "torchrl",
+                       "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["loss"], data["convention"], data["interpreter"]) == ("v3", "dreamerv3-2024", True)
+    rows = {(r["impl"], r["dtype"]): r for r in data["results"]}
+    assert len(rows) == len(data["results"]) == 3 * 2
+    assert {impl for impl, _ in rows} == {"fused", "eager", "torchrl"}
+    widths = bench.V3_WORLD_MODELS["v3-tiny"]
+    parameters = sum(p.numel()
+                     for p in CategoricalWorldModel((3, 8, 8), 4, 4, **widths).parameters())
+    for row in rows.values():
+        assert ROW_KEYS <= row.keys()
+        assert (row["preset"], row["frames"], row["image_shape"]) == ("v3-tiny", 8, [3, 8, 8])
+        assert (row["latent_dim"], row["latent_shape"]) == (16, [4, 4])
+        assert (row["loss"], row["convention"], row["mode"]) == ("v3", "dreamerv3-2024",
+                                                                 "train-step")
+        assert row["extra"]["world_model"] == {**widths, "parameters": parameters}
+        assert all(v is None or v > 0 for v in numbers(row)), row
+    for dtype in ("float32", "bfloat16"):
+        fused = rows["fused", dtype]
+        assert fused["status"] == ("correct (interpreter) on the world model's outputs; not timed "
+                                   "(needs a CUDA GPU)")
+        assert fused["median_ms"] is None and fused["extra"]["interpreter"] is True
+        for impl in ("eager", "torchrl"):
+            assert rows[impl, dtype]["status"] == "ok" and rows[impl, dtype]["median_ms"] > 0
+        assert rows["eager", dtype]["speedup_vs_eager"] == 1.0
+        assert rows["torchrl", dtype]["speedup_vs_eager"] > 0
+    out = capsys.readouterr().out
+    assert "v3-tiny float32: one training step (world model forward, loss, backward, Adam)" in out
+    assert ("fused: correct (interpreter) on v3-tiny bfloat16, v3-tiny float32: the 5 losses and "
+            "the 5 gradients agree") in out
+
+
+def test_v3_train_step_rows_not_run(capsys):
+    """compiled is not a V3 train-step row; torchrl's module is n/a where it lacks the options.
+    Neither is a failure."""
+    report = bench.run(["--workload", "train-step", "--loss", "v3", "--device", "cpu",
+                        "--convention", "sheeprl", "--impl", "compiled", "torchrl"])
+    compiled, torchrl = report["results"]
+    assert compiled["status"] == "skipped: the V3 train-step compares fused, eager, torchrl"
+    assert torchrl["status"].startswith("n/a: torchrl's DreamerV3ModelLoss has no two_hot_space=")
+    assert compiled["median_ms"] is None and torchrl["median_ms"] is None
+    assert bench.failures(report) == []
+
+
+@pytest.mark.skipif(not CPU, reason="the CPU path: fused through Triton's interpreter")
+def test_v3_train_step_reports_a_wrong_fused_loss(monkeypatch, capsys):
+    """The fused row's status is the check of the step's world-model outputs: a loss 0.1% off
+    makes it wrong and the exit status 1."""
+    real = bench.dreamer_v3_model_loss
+
+    def off(*args, **kwargs):  # what check_fused_v3 calls: one loss 0.1% off
+        losses = real(*args, **kwargs)
+        return {**losses, "loss_model_reward": losses["loss_model_reward"] * 1.001}
+
+    monkeypatch.setattr(bench, "dreamer_v3_model_loss", off)
+    assert bench.main(["--workload", "train-step", "--loss", "v3", "--device", "cpu",
+                       "--impl", "fused"]) == 1
+    assert ("fused v3-tiny float32 train-step: wrong: loss_model_reward: relative error 1.00e-03"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("convention", ["dreamerv3-2024", "torchrl"])
+def test_world_model_loss_inputs_are_what_the_module_read(convention):
+    """The fused row is checked on the loss's arguments taken from the world model's output: the
+    reference loss of them is the module's loss of that step. (No free nats here: at
+    initialisation they clamp the KL terms, which would hide posterior and prior swapped.)"""
+    from fused_dreamer_loss import FusedDreamerV3ModelLoss, reference_v3
+    from fused_dreamer_loss.models_v3 import make_world_model_v3
+
+    case = bench.V3Case(convention, "l2")
+    options = {**case.options, "free_bits": 0.0}
+    torch.manual_seed(0)
+    module = FusedDreamerV3ModelLoss(
+        make_world_model_v3((3, 8, 8), num_categoricals=4, num_classes=4,
+                            **bench.V3_WORLD_MODELS["v3-tiny"]), **options, backend="torch")
+    losses, outputs = module(bench.make_v3_batch("v3-tiny", "cpu", 0))
+    inputs = bench.world_model_loss_inputs(outputs, case.opts)
+    assert [t.requires_grad for t in inputs] == list(bench.V3_NEEDS_GRAD[:len(inputs)])
+    want = reference_v3.dreamer_v3_model_loss(*inputs, **options)
+    assert set(want) == set(losses.keys())
+    for name in want:
+        torch.testing.assert_close(losses[name], want[name].unsqueeze(0), rtol=0, atol=0)
+
+
 # ---- bench/run_gpu_all.sh ------------------------------------------------------------------------
 
 
@@ -378,7 +471,8 @@ def test_gpu_script_dry_run_prints_commands_the_cli_accepts(tmp_path, monkeypatc
     """``--dry-run`` prints each command, runs none; every benchmark it would run parses with the
     CLI's own argparse (as on a GPU machine with matplotlib), and together they cover the tables:
     V1 and V3 presets, float32 and bfloat16, all four implementations, as CUDA-graph replays and
-    launched from Python, and the train-step workload; the test suite first, each step timed out."""
+    launched from Python, and the train-step workload of each loss; the test suite first, each step
+    timed out."""
     folder = tmp_path / "results"
     proc = subprocess.run(["bash", str(GPU_SCRIPT), "--dry-run", str(folder)], capture_output=True,
                           text=True, timeout=60)
@@ -407,12 +501,19 @@ def test_gpu_script_dry_run_prints_commands_the_cli_accepts(tmp_path, monkeypatc
                                         {"small", "default", "large"})
             assert args.dtype == ["float32", "bfloat16"] and args.impl == list(bench.IMPLS)
             assert args.mode == (["fwd+bwd"] if args.cuda_graph else list(bench.MODES))
-    assert [args.workload for args in parsed].count("train-step") == 1
+    train_steps = [args for args in parsed if args.workload == "train-step"]
+    assert [(args.loss, args.preset) for args in train_steps] == [("v1", ["small", "default"]),
+                                                                  ("v3", ["v3"])]
+    assert train_steps[1].convention == bench.DEFAULT_CONVENTION
+    for args in train_steps:
+        assert args.dtype == ["float32", "bfloat16"]
+    assert train_steps[0].impl == ["fused", "eager"]
+    assert train_steps[1].impl == list(bench.V3_TRAIN_STEP_IMPLS)
 
 
 # A stand-in for python3 on the GPU machine: names a device, prints its arguments and a table row,
 # writes the Markdown file it is given; sleeps $FAKE_SLEEP s as the test suite; fails as the
-# train-step benchmark.
+# train-step benchmarks.
 FAKE_PYTHON = """#!/usr/bin/env bash
 [[ $1 == -c ]] && { echo Fake-GPU; exit 0; }
 echo "ran: $*"
@@ -442,9 +543,13 @@ def test_gpu_script_runs_every_step_and_reports_the_failed_ones(tmp_path):
     for _ in range(2):
         proc = run_gpu_script(tmp_path, folder)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("failed: python3 -m fused_dreamer_loss.bench --workload "
-                                  "train-step") and proc.stderr.endswith(": exit status 3\n")
-    assert len(proc.stderr.splitlines()) == 1
+    failed = proc.stderr.splitlines()
+    assert len(failed) == 2
+    assert failed[0].startswith("failed: python3 -m fused_dreamer_loss.bench --workload "
+                                "train-step --preset small")
+    assert failed[1].startswith("failed: python3 -m fused_dreamer_loss.bench --workload "
+                                "train-step --loss v3")
+    assert all(line.endswith(": exit status 3") for line in failed)
     assert "ran: -m pytest" in proc.stdout and "| table row |" not in proc.stdout
     assert proc.stdout.count("| table ") == 4  # the loss benchmarks' Markdown tables
     kernel_times = (folder / "kernel-times-Fake-GPU.txt").read_text()
@@ -463,5 +568,5 @@ def test_gpu_script_stops_starting_steps_when_the_budget_is_spent(tmp_path):
     assert proc.returncode == 1
     assert sorted(p.name for p in folder.iterdir()) == ["setup-Fake-GPU.log", "tests-Fake-GPU.log"]
     failed = proc.stderr.splitlines()
-    assert len(failed) == 5 + 6 + 1  # the benchmark runs, the kernel times, the sweep
+    assert len(failed) == 6 + 6 + 1  # the benchmark runs, the kernel times, the sweep
     assert all(line.endswith("s of the 21 s budget spent") for line in failed)
