@@ -94,10 +94,19 @@ def check_options_fit(opts: LossOptions, shapes: LossShapes) -> None:
         ValueError: naming the option, its value and the dtype it must fit.
     """
     terms = {"lambda_kl": 0, "free_nats": 0, "lambda_reco": 1, "lambda_reward": 2}
-    for name, term in terms.items():
-        dtype = shapes.loss_dtypes[term]
+    check_fit([(name, getattr(opts, name), shapes.loss_dtypes[term])
+               for name, term in terms.items()])
+
+
+def check_fit(options: Iterable[tuple[str, float, torch.dtype]]) -> None:
+    """Each ``(name, value, dtype)``: ``value`` must be representable in ``dtype``, the dtype of
+    the loss term it scales or bounds (a comparison: symbolic floats under torch.compile pass).
+
+    Raises:
+        ValueError: naming the option, its value and the dtype.
+    """
+    for name, value, dtype in options:
         largest = torch.finfo(dtype).max
-        value = getattr(opts, name)
         if not -largest <= value <= largest:
             raise ValueError(
                 f"{name}={value!r} does not fit in {dtype}, the dtype of its loss term "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import FLOAT_DTYPES
+from ._validation import FLOAT_DTYPES, check_fit
 
 KL_MODES = ("balanced", "separate")
 RECO_LOSSES = ("l2", "l1")
@@ -421,10 +421,4 @@ def _check_options_fit(opts: V3Options, shapes: V3Shapes) -> None:
                ("lambda_reward", opts.lambda_reward, shapes.reward_dtype)]
     if shapes.continue_dtype is not None:
         options.append(("lambda_continue", opts.lambda_continue, shapes.continue_dtype))
-    for name, value, dtype in options:
-        largest = torch.finfo(dtype).max
-        if not -largest <= value <= largest:
-            raise ValueError(
-                f"{name}={value!r} does not fit in {dtype}, the dtype of its loss term "
-                f"(largest magnitude {largest:g})"
-            )
+    check_fit(options)

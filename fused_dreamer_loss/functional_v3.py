@@ -124,8 +124,11 @@ def dreamer_v3_model_loss(
         global_average: average the reconstruction over all elements instead of summing each row
             over its event dims and averaging over the rows.
         reward_bins: a support of your own: 1-D, strictly ascending (checked only for a Python
-            sequence or a CPU tensor, since reading a device tensor would synchronise), on the
-            inputs' device or the CPU.
+            sequence or a CPU tensor, since reading a device tensor would synchronise). Bins
+            given as a sequence or on the CPU are copied to the inputs' device at every call (a
+            host-to-device copy, which a CUDA graph cannot capture): for a training step, put
+            them on the inputs' device (``FusedDreamerV3ModelLoss`` keeps its bins as a buffer
+            on its device).
         two_hot_space: ``"raw"`` (interpolate between bins in raw values, as torchrl) or
             ``"symlog"`` (after symlog of the reward and of the bins: the 2023 reference,
             dreamerv3-torch, SheepRL).

@@ -167,10 +167,6 @@ class FusedDreamerV3ModelLoss(_TensorKeysMixin, LossModuleBase):
         ``loss_model_continue`` when computed, each of shape ``[1]``; and the world model's output
         (detached if ``detach_output``).
 
-    Raises:
-        NotImplementedError: from ``forward`` with ``backend="triton"`` (or ``"auto"`` on CUDA)
-            while the fused V3 kernels are not built.
-
     Example:
         >>> import torch
         >>> from tensordict import TensorDict

@@ -268,13 +268,35 @@ def test_unit_backward_allocates_no_image(device):
     assert not [n for n in allocations.numels if n >= head.numel()]
 
 
-def test_nan_in_gives_nan_out(device):
-    inputs, options = case(dict(GRID[0], heads=1), dtype=torch.float32, device=device)
+@pytest.mark.parametrize("where,term", [("reco_pixels", "loss_model_reco"),
+                                        ("posterior_logits", "loss_model_kl"),
+                                        ("prior_logits", "loss_model_kl"),
+                                        ("reward_pred", "loss_model_reward")])
+def test_nan_in_gives_nan_out(device, where, term):
+    """Balanced mode included: its 1e-8 floor must not turn a NaN probability into 1e-8 (a
+    max that drops NaN would, on a GPU)."""
+    inputs, options = case(dict(GRID[0], heads=1, kl_mode="balanced", clamp="none"),
+                           dtype=torch.float32, device=device)
     with torch.no_grad():
-        inputs["reco_pixels"].view(-1)[3] = float("nan")
+        inputs[where].view(-1)[3] = float("nan")
     losses = dreamer_v3_model_loss(**inputs, **options, backend="triton")
-    assert torch.isnan(losses["loss_model_reco"])
-    assert all(torch.isfinite(v) for k, v in losses.items() if k != "loss_model_reco")
+    assert torch.isnan(losses[term])
+    assert all(torch.isfinite(v) for k, v in losses.items() if k != term)
+
+
+# inf / inf in a discarded branch of log1p, on purpose; numpy, under the interpreter, warns.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_user_bins_with_strides_and_an_infinite_reward(device):
+    """A strided ``reward_bins`` (read flat by the kernel), and an infinite reward, whose symlog
+    is inf and whose two-hot target is the last bin: the reference's numbers."""
+    combo = dict(GRID[0], two_hot="symlog", heads=1)
+    inputs, options = case(combo, device=device)
+    options.pop("num_reward_bins")
+    options["reward_bins"] = torch.linspace(-8, 8, 34, dtype=torch.float64, device=device)[::2]
+    with torch.no_grad():
+        inputs["true_reward"].view(-1)[0] = float("inf")
+        inputs["true_reward"].view(-1)[1] = float("-inf")
+    check_against_reference(inputs, options, "strided bins, infinite rewards")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from tensordict.nn import TensorDictModule, TensorDictSequential
 
 import fused_dreamer_loss.models_v3
 import fused_dreamer_loss.module_v3
-from fused_dreamer_loss import FusedDreamerV3ModelLoss, dreamer_v3_model_loss
+from fused_dreamer_loss import FusedDreamerV3ModelLoss
 from fused_dreamer_loss.reference_v3 import categorical_kl_terms, symexp
 
 try:
@@ -44,24 +44,7 @@ F64 = torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _fused_v3_built() -> bool:
-    """False while the fused V3 path raises NotImplementedError (the kernels not built yet)."""
-    g = torch.Generator().manual_seed(0)
-    try:
-        dreamer_v3_model_loss(torch.randn(1, 1, 2, 2, generator=g), torch.randn(1, 1, 2, 2),
-                              torch.rand(1, 1, 3), torch.rand(1, 1, 3), torch.randn(1, 1, 1),
-                              torch.randn(1, 1, 4), num_reward_bins=4, backend="triton")
-    except NotImplementedError:
-        return False
-    except Exception:  # noqa: BLE001  (e.g. no interpreter: the Triton tests say why)
-        return True
-    return True
-
-
-TRITON = "triton" if _fused_v3_built() else pytest.param(
-    "triton", marks=pytest.mark.xfail(raises=NotImplementedError, strict=False,
-                                      reason="the fused V3 kernels are not built yet"))
-BACKENDS = ["torch", TRITON]
+BACKENDS = ["torch", "triton"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -303,7 +286,7 @@ def test_parity_with_torchrl_torch_backend(case):
 
 
 @needs_torchrl
-@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("case", PAIRWISE, ids=case_id)
 def test_parity_with_torchrl_triton_backend(case, backend):
     """A pairwise covering subset of the grid (every two options' values meet once at least):

@@ -53,15 +53,19 @@ __all__ = ["KERNELS", "fused_dreamer_v3_model_loss"]
 
 #: Elements of one KL program's [rows, S, K] tile (at least one row).
 KL_TILE = 2048
-#: Elements of one reward program's [rows, R] tile (at least one row).
-REWARD_TILE = 4096
+#: Elements of one reward program's [rows, R] tile (at least one row): 1024 keeps the two-hot
+#: segment's registers near the image segment's, which shares the kernel.
+REWARD_TILE = 1024
 #: Rows of one continue program, and of one symlog-reward program.
 ROW_BLOCK = 1024
 #: Bytes of one image program's tile, per prediction tensor.
 IMAGE_TILE_BYTES = 32768
-NUM_WARPS = 8
-#: Balanced mode floors each probability at this value before its log (torchrl's clamp).
-PROB_FLOOR = 1e-8
+#: Warps per program. Compiled for sm_90 (ptxas, on a CPU) at the v3 preset: 16 warps spill no
+#: register (forward 87 registers in bf16, 57 in fp32); 8 warps spilled 1.2 KB in bf16.
+NUM_WARPS = 16
+#: Balanced mode floors each probability at this value before its log (torchrl's clamp). A
+#: constexpr: compiled Triton reads no other global.
+PROB_FLOOR = tl.constexpr(reference_v3.BALANCED_PROB_FLOOR)
 
 #: Per-head transform codes, two bits per head in the kernels' ``HEAD_MODES``.
 HEAD_MODE = {SYMLOG_NONE: 0, SYMLOG_BOTH: 1, SYMLOG_TARGET: 2}
@@ -80,7 +84,8 @@ FIRST_HEAD = 7
 def _log1p(a):
     """log(1 + a), accurate for small ``a`` (Goldberg's correction; no log1p in Triton's core)."""
     u = 1.0 + a
-    return tl.where(u == 1.0, a, tl.log(u) * (a / tl.where(u == 1.0, 1.0, u - 1.0)))
+    exact = tl.log(u) * (a / tl.where(u == 1.0, 1.0, u - 1.0))
+    return tl.where(u == 1.0, a, tl.where(u == float("inf"), u, exact))
 
 
 @triton.jit
@@ -134,8 +139,8 @@ def _kl_tile(q_ptr, p_ptr, g_q_ptr, g_p_ptr, s_q_r, s_q_s, s_q_k, s_p_r, s_p_s, 
     sq, log_sq = _softmax(tl.where(cls_ok, lq, float("-inf")), mask)
     sp, log_sp = _softmax(tl.where(cls_ok, lp, float("-inf")), mask)
     if BALANCED:
-        q = tl.maximum(sq, PROB_FLOOR)
-        p = tl.maximum(sp, PROB_FLOOR)
+        q = tl.where(sq < PROB_FLOOR, PROB_FLOOR, sq)  # torch's clamp: NaN stays NaN
+        p = tl.where(sp < PROB_FLOOR, PROB_FLOOR, sp)
         log_q = tl.where(mask, tl.log(q), 0.0)
         log_p = tl.where(mask, tl.log(p), 0.0)
     elif UNIMIX:
@@ -331,12 +336,12 @@ def _v3_fwd_kernel(
     pid = tl.program_id(0)
     if pid < kl_programs:
         partial = _kl_tile(q_ptr, p_ptr, g_q_ptr, g_p_ptr, s_q_r, s_q_s, s_q_k, s_p_r, s_p_s,
-                           s_p_k, n_rows, n_cat, n_cls, pid, scalar(unimix, ACC),
+                           s_p_k, n_rows, n_cat, n_cls, pid.to(tl.int64), scalar(unimix, ACC),
                            scalar(free, ACC), scalar(scale_q, ACC), scalar(scale_p, ACC),
                            BALANCED, UNIMIX, GRAD_Q, GRAD_P, BLOCK_R, BLOCK_S, BLOCK_K, ACC)
         tl.store(partials_ptr + pid, partial / scalar(kl_count, ACC))
     elif pid < kl_programs + reward_programs:
-        tile = pid - kl_programs
+        tile = (pid - kl_programs).to(tl.int64)
         if TWO_HOT:
             partial = _two_hot_tile(true_ptr, reward_ptr, bins_ptr, g_reward_ptr, s_rw_r, s_rw_k,
                                     n_rows, n_bins, tile, scalar(scale_reward, ACC),
@@ -348,7 +353,7 @@ def _v3_fwd_kernel(
         tl.store(partials_ptr + pid, partial / scalar(rows_count, ACC))
     elif pid < kl_programs + reward_programs + cont_programs:
         partial = _continue_tile(cont_ptr, term_ptr, g_cont_ptr, g_term_ptr, n_rows,
-                                 pid - kl_programs - reward_programs,
+                                 (pid - kl_programs - reward_programs).to(tl.int64),
                                  scalar(target_scale, ACC), scalar(scale_cont, ACC), GRAD_CONT,
                                  GRAD_TERM, ROW_BLOCK, ACC)
         tl.store(partials_ptr + pid, partial / scalar(rows_count, ACC))
@@ -357,7 +362,8 @@ def _v3_fwd_kernel(
             if pid >= head_starts[h]:
                 if pid < head_starts[h + 1]:
                     count = scalar(head_counts[h], ACC)
-                    partial = _head(xs, ys, g_xs, g_ys, numels, h, pid - head_starts[h],
+                    partial = _head(xs, ys, g_xs, g_ys, numels, h,
+                                    (pid - head_starts[h]).to(tl.int64),
                                     scalar(pixels_scale, ACC), scalar(pixels_offset, ACC),
                                     scalar(lambda_reco, ACC) / count, HEAD_MODES, INT_TARGETS,
                                     GRAD_XS, GRAD_YS, L1, IMAGE_BLOCK, ACC)
@@ -657,8 +663,8 @@ def _forward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: li
     reward = (kl[1], kl[1] + launch.reward_programs)
     cont = [(reward[1], reward[1] + launch.cont_programs)] if o.has_continue else []
     reco = (launch.head_starts[0], launch.head_starts[-1])
-    if o.balanced:
-        kl_ranges, kl_multipliers = [kl], [o.lambda_kl * (o.kl_alpha + (1.0 - o.kl_alpha))]
+    if o.balanced:  # α·m + (1 − α)·m: both sides have the same value m
+        kl_ranges, kl_multipliers = [kl], [o.lambda_kl]
     else:
         kl_ranges = [kl, kl]
         kl_multipliers = [o.lambda_kl * o.lambda_dynamic, o.lambda_kl * o.lambda_representation]
@@ -722,8 +728,8 @@ def _default_bins(num_bins: int, device: torch.device, dtype: torch.dtype) -> to
 def reward_support(opts: V3Options, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The two-hot bins on ``device`` in ``dtype``: the user's, or torchrl's default (built once
     per size, device and dtype in eager mode)."""
-    if opts.reward_bins is not None:
-        return opts.reward_bins.to(device=device, dtype=dtype)
+    if opts.reward_bins is not None:  # read flat by the kernel
+        return opts.reward_bins.to(device=device, dtype=dtype).contiguous()
     if torch.compiler.is_compiling():
         return reference_v3.default_reward_bins(opts.num_reward_bins, device).to(dtype)
     return _default_bins(opts.num_reward_bins, device, dtype)

@@ -30,6 +30,7 @@ because a traced backward cannot know whether it runs for the first time.
 """
 
 # No `from __future__ import annotations`: Triton reads the "fp64" annotations as written.
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ def scalar(value, ACC: tl.constexpr):
 @triton.jit
 def store(ptr, value, mask):
     """``tl.store`` in the pointer's dtype, narrowing from fp64 through fp32: Triton's interpreter
-    converts fp64 to bf16 wrongly, and on a GPU the two steps round the same as one."""
+    converts fp64 to bf16 or fp16 wrongly. (On a GPU the two steps can round a value differently
+    from one step, by one unit of the narrow dtype; only a half-precision gradient of an input
+    beside a float64 one is stored that way.)"""
     if ptr.dtype.element_ty != tl.float64:
         value = value.to(tl.float32)
     tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
@@ -255,13 +258,21 @@ def register(kernels: LossKernels) -> LossKernels:
     return kernels
 
 
+def on_device(t: torch.Tensor):
+    """A context in which Triton launches on ``t``'s GPU (it launches on the current device, which
+    need not be the tensors')."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _gradients(loss: str, inputs: list[Optional[torch.Tensor]], floats: list[float],
                ints: list[int], keep: torch.Tensor, grad_outputs: list[Optional[torch.Tensor]],
                wanted: list[bool]) -> list[torch.Tensor]:
     """Fresh gradients, ``factor × d loss / d input``, of the inputs in ``wanted``."""
     kernels = LOSSES[loss]
     grads = [kernels.empty_grad(inputs, i) if w else None for i, w in enumerate(wanted)]
-    kernels.backward(inputs, floats, ints, keep, grad_outputs, grads, [False] * len(grad_outputs))
+    with on_device(keep):
+        kernels.backward(inputs, floats, ints, keep, grad_outputs, grads,
+                         [False] * len(grad_outputs))
     return [g for g in grads if g is not None]
 
 
@@ -272,7 +283,8 @@ def _gradients_fake(loss, inputs, floats, ints, keep, grad_outputs, wanted):
 
 def _forward(loss: str, inputs: list[Optional[torch.Tensor]], floats: list[float],
              ints: list[int], needs: list[bool]) -> list[torch.Tensor]:
-    return LOSSES[loss].forward(inputs, floats, ints, needs)
+    with on_device(inputs[0]):
+        return LOSSES[loss].forward(inputs, floats, ints, needs)
 
 
 def _forward_fake(loss, inputs, floats, ints, needs):
@@ -330,7 +342,10 @@ class FusedLossFunction(torch.autograd.Function):
         n_out = len(outs) - 1 - sum(made_needs)
         losses, keep, made = outs[:n_out], outs[n_out], outs[n_out + 1:]
         if any(needs):
-            ctx.save_for_backward(*inputs, keep, *made)
+            # The gradient buffers are not saved tensors: a user may modify one in place once it
+            # is handed out (torch allows that), which a saved tensor's version check would refuse.
+            ctx.save_for_backward(*inputs, keep)
+            ctx.forward_grads = by_input(made, made_needs)
             ctx.kernels, ctx.options, ctx.shapes = kernels, options, shapes
             ctx.needs, ctx.floats, ctx.ints = needs, floats, ints
             ctx.input_terms = kernels.terms(ints, len(inputs))
@@ -342,7 +357,7 @@ class FusedLossFunction(torch.autograd.Function):
         kernels = ctx.kernels
         n = len(ctx.needs)
         saved = ctx.saved_tensors  # raises if an input was modified in place since the forward
-        inputs, keep, made = list(saved[:n]), saved[n], saved[n + 1:]
+        inputs, keep = list(saved[:n]), saved[n]
         if torch.is_grad_enabled() or not kernels_can_take(grad_outputs):
             grads = _differentiable_gradients(kernels, ctx, inputs, grad_outputs)
         else:
@@ -353,17 +368,15 @@ class FusedLossFunction(torch.autograd.Function):
                                      list(grad_outputs), wanted)
                 grads = by_input(fresh, wanted)
             else:
-                grads = _eager_gradients(ctx, inputs, keep, made, grad_outputs, wanted)
-        out = [g if g is None or g.shape == t.shape else g.view(t.shape)
-               for g, t in zip(grads, inputs)]
-        return (None, None, None, None, *out)
+                grads = _eager_gradients(ctx, inputs, keep, grad_outputs, wanted)
+        return (None, None, None, None, *grads)
 
 
-def _eager_gradients(ctx, inputs, keep, made, grad_outputs, wanted):
+def _eager_gradients(ctx, inputs, keep, grad_outputs, wanted):
     """The first backward that needs a term gets the forward's buffers, fixed in place when the
-    factor is not 1; later ones get fresh buffers (see the module docstring)."""
+    factor is not 1; later ones get fresh buffers (see the module docstring). The context lets go
+    of a buffer it hands out, so that autograd may keep it as ``.grad`` without a copy."""
     kernels = ctx.kernels
-    forward_grads = by_input(made, ctx.needs)
     grads = []
     for i, (w, term) in enumerate(zip(wanted, ctx.input_terms)):
         if not w:
@@ -371,10 +384,12 @@ def _eager_gradients(ctx, inputs, keep, made, grad_outputs, wanted):
         elif ctx.handed_out[term]:
             grads.append(kernels.empty_grad(inputs, i))
         else:
-            grads.append(forward_grads[i])
+            grads.append(ctx.forward_grads[i])
+            ctx.forward_grads[i] = None
     if any(wanted):
-        kernels.backward(inputs, ctx.floats, ctx.ints, keep, list(grad_outputs), grads,
-                         [not h for h in ctx.handed_out])
+        with on_device(keep):
+            kernels.backward(inputs, ctx.floats, ctx.ints, keep, list(grad_outputs), grads,
+                             [not h for h in ctx.handed_out])
     for w, term in zip(wanted, ctx.input_terms):
         if w:
             ctx.handed_out[term] = True

@@ -1,0 +1,146 @@
+"""Compile the fused kernels for an H100 (sm_90) on a machine without a GPU, and report them.
+
+Triton's interpreter, which runs the kernels in CI, accepts code that Triton's compiler refuses
+(a plain global in a kernel, say) and cannot show register spills. This script swaps in a driver
+that says "CUDA, sm_90" and turns every launch into a compile-only warm-up, then runs the
+project's own launchers (forward, and backward with grad outputs 1 and 2) on CPU tensors of the
+benchmark presets' shapes: Triton's real front end, its passes down to PTX, and ptxas to a cubin.
+It prints one JSON line per compiled kernel: name, registers and spilled bytes (from ``ptxas -v``).
+
+Run as a script (``tests/test_compile_for_gpu.py`` does); TRITON_INTERPRET must not be set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime import jit
+from triton.runtime.driver import driver
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+class CompileOnlyDriver(DriverBase):
+    """A driver for a GPU that is not there: enough for Triton to compile for it."""
+
+    @classmethod
+    def is_active(cls):
+        return True
+
+    def map_python_to_cpp_type(self, ty):
+        return "void*"
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError("nothing runs")
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+COMPILED: list[tuple[str, object]] = []
+_run = jit.JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    COMPILED.append((self.fn.__name__, kernel))
+    return kernel
+
+
+def ptxas_report(kernel) -> dict:
+    """Registers and spilled bytes of a compiled kernel, from ``ptxas -v``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", ptx, "-o",
+                              os.path.join(tmp, "k.o")], capture_output=True, text=True,
+                             check=True).stderr
+    return {"registers": max(int(r) for r in re.findall(r"Used (\d+) registers", out)),
+            "spilled": sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", out))}
+
+
+def cases():
+    """(what, spill-free, run): each run calls a loss forward and backward on CPU tensors; the
+    benchmark presets' dtypes (float32, bfloat16) must compile without register spills."""
+    from helpers import make_inputs
+    from helpers_v3 import leaves, make_v3_inputs
+
+    from fused_dreamer_loss import dreamer_model_loss, dreamer_v3_model_loss
+
+    def backward_twice(losses, wrt):
+        for weight in (1.0, 2.0):
+            torch.autograd.grad(losses, wrt, [torch.full_like(v, weight) for v in losses],
+                                retain_graph=True, allow_unused=True)
+
+    def v1(dtype, **options):
+        def run():
+            inputs = make_inputs((200, 50), 30, (3, 64, 64), dtype, "cpu", seed=0)
+            backward_twice(list(dreamer_model_loss(*inputs, backend="triton", **options)),
+                           inputs)
+        return run
+
+    def v3(dtype, heads=((3, 64, 64),), uint8=True, **options):
+        def run():
+            two_hot = options.get("reward_two_hot", True)
+            inputs = make_v3_inputs((16, 64), 32, 32, heads, uint8=uint8, dtype=dtype,
+                                    reward_width=255 if two_hot else 1)
+            if two_hot:
+                inputs["true_reward"] = inputs["true_reward"].detach()
+            losses = dreamer_v3_model_loss(**inputs, lambda_continue=1.0, backend="triton",
+                                           **options)
+            backward_twice(list(losses.values()), leaves(inputs))
+        return run
+
+    return [
+        ("v1 float32", True, v1(torch.float32)),
+        ("v1 bfloat16 delayed global smooth_l1", True,
+         v1(torch.bfloat16, delayed_clamp=True, global_average=True, reco_loss="smooth_l1")),
+        ("v3 bfloat16 balanced", True, v3(torch.bfloat16)),
+        ("v3 float32 separate unimix, two heads", True,
+         v3(torch.float32, heads=((3, 64, 64), (7,)), kl_mode="separate", unimix=0.01,
+            reco_symlog=[False, "target"])),
+        ("v3 float16 separate, symlog reward, float targets", False,
+         v3(torch.float16, uint8=False, kl_mode="separate", reward_two_hot=False)),
+        ("v3 float64 balanced, two-hot in symlog space", False,
+         v3(torch.float64, two_hot_space="symlog", reco_loss="l1")),
+    ]
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
+    driver.set_active(CompileOnlyDriver())
+    jit.JITFunction.run = _compile_only
+    from fused_dreamer_loss.kernels import dreamer_loss
+
+    dreamer_loss.INTERPRET = True  # lets backend="triton" take CPU tensors (nothing runs)
+    for what, spill_free, run in cases():
+        start = len(COMPILED)
+        run()
+        for name, kernel in COMPILED[start:]:
+            print(json.dumps({"case": what, "spill_free": spill_free, "kernel": name,
+                              **ptxas_report(kernel)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
