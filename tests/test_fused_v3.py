@@ -137,6 +137,23 @@ def test_option_grid(device, small_v3_blocks, combo):
     check_against_reference(inputs, options, str(combo))
 
 
+def test_categoricals_exactly_on_the_free_bits_boundary(device):
+    """Balanced mode, free bits 0: a categorical whose posterior and prior logits are equal has a
+    KL of exactly 0 in any arithmetic, on the boundary, where torch's clamp_min passes the
+    gradient. With one class under the 1e-8 floor the prior's gradient at that class is not 0:
+    the kernel must pass it (``>=``), as the reference does."""
+    combo = dict(GRID[0], kl_mode="balanced", clamp="none", heads=1)
+    inputs, options = case(combo, device=device, S=3, K=5)
+    with torch.no_grad():
+        inputs["prior_logits"][..., 0, :] = inputs["posterior_logits"][..., 0, :]
+        inputs["prior_logits"][..., 0, 2] = inputs["posterior_logits"][..., 0, 2] = -40.0
+    options["free_bits"] = 0.0
+    check_against_reference(inputs, options, "on the boundary")
+    losses = dreamer_v3_model_loss(**inputs, **options, backend="triton")
+    grad = torch.autograd.grad(losses["loss_model_kl"], inputs["prior_logits"])[0]
+    assert bool((grad[..., 0, 2] != 0).all())  # the floored class: s·(0 − Σ s G) ≠ 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kl_mode", ["balanced", "separate"])
 def test_dtypes(device, dtype, kl_mode):
