@@ -444,6 +444,21 @@ def _v3_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+def _encode(opts: V3Options, shapes: V3Shapes) -> tuple[list[float], list[int]]:
+    floats = [opts.lambda_kl, opts.lambda_reco, opts.lambda_reward, opts.lambda_continue,
+              opts.lambda_dynamic, opts.lambda_representation, opts.unimix,
+              opts.continue_target_scale, opts.kl_alpha, opts.free_bits, opts.pixels_scale,
+              opts.pixels_offset]
+    kl_dtypes = [shapes.kl_dtype] * (1 if opts.kl_mode == "balanced" else 2)
+    cont = [shapes.continue_dtype] if opts.has_continue else []
+    dtypes = [*kl_dtypes, shapes.reward_dtype, *cont, shapes.reco_dtype]
+    ints = [KL_MODES.index(opts.kl_mode) == 0, RECO_LOSSES.index(opts.reco_loss) == 1,
+            opts.reward_two_hot, TWO_HOT_SPACES.index(opts.two_hot_space) == 1,
+            opts.global_average, opts.has_continue, shapes.heads,
+            *(HEAD_MODE[m] for m in shapes.head_symlog), *(dtype_code(d) for d in dtypes)]
+    return floats, [int(i) for i in ints]
+
+
 @dataclass(frozen=True)
 class _Options:
     """The launchers' view of :class:`V3Options` and the loss dtypes (see :func:`_encode`)."""
@@ -479,21 +494,6 @@ class _Options:
     @property
     def kl_outputs(self) -> int:
         return 1 if self.balanced else 2
-
-
-def _encode(opts: V3Options, shapes: V3Shapes) -> tuple[list[float], list[int]]:
-    floats = [opts.lambda_kl, opts.lambda_reco, opts.lambda_reward, opts.lambda_continue,
-              opts.lambda_dynamic, opts.lambda_representation, opts.unimix,
-              opts.continue_target_scale, opts.kl_alpha, opts.free_bits, opts.pixels_scale,
-              opts.pixels_offset]
-    kl_dtypes = [shapes.kl_dtype] * (1 if opts.kl_mode == "balanced" else 2)
-    cont = [shapes.continue_dtype] if opts.has_continue else []
-    dtypes = [*kl_dtypes, shapes.reward_dtype, *cont, shapes.reco_dtype]
-    ints = [KL_MODES.index(opts.kl_mode) == 0, RECO_LOSSES.index(opts.reco_loss) == 1,
-            opts.reward_two_hot, TWO_HOT_SPACES.index(opts.two_hot_space) == 1,
-            opts.global_average, opts.has_continue, shapes.heads,
-            *(HEAD_MODE[m] for m in shapes.head_symlog), *(dtype_code(d) for d in dtypes)]
-    return floats, [int(i) for i in ints]
 
 
 def _term_indices(o: _Options) -> dict[str, int]:
