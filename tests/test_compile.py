@@ -62,7 +62,8 @@ def assert_compiled_matches_eager(compiled, inputs, backend, what, **options):
 ])
 def test_compiled_loss_and_backward_match_eager(device, backend, compiler, dtype, delayed_clamp):
     """Forward and two backward passes through one compiled graph (retain_graph, different grad
-    outputs per term: the Triton backend's in-place rescale), against eager."""
+    outputs per term: the compiled backward recomputes, eager mode fixes the forward's buffers
+    the first time and recomputes into fresh ones the second), against eager."""
     inputs = make_inputs((2, 3), 5, (3, 4, 4), dtype, device, seed=41)
     options = {"backend": backend, "free_nats": free_nats_for(inputs, delayed_clamp, "some"),
                "delayed_clamp": delayed_clamp, "global_average": delayed_clamp,
