@@ -467,6 +467,15 @@ def interpreting() -> bool:
         return False
 
 
+def unavailable(case, impl: str, cuda: bool) -> str | None:
+    """Why ``impl`` gives no row of ``case`` here: "n/a: ..." where it cannot compute this loss
+    with these options, a skip reason where it cannot run on this machine; None if it runs."""
+    unsupported = case.not_applicable(impl)
+    if unsupported:
+        return f"n/a: {unsupported}"
+    return skip_reason(impl, cuda)
+
+
 def skip_reason(impl: str, cuda: bool) -> str | None:
     """Why ``impl`` cannot run here, or None."""
     if impl == "fused":
@@ -671,13 +680,9 @@ def run_config(impl, preset, dtype_name, mode, case, device, copy,
     nbytes = case.model_bytes(preset, dtype.itemsize, mode)
     row.model_bytes = nbytes
     cuda = device == "cuda"
-    unsupported = case.not_applicable(impl)
-    if unsupported:
-        row.status = f"n/a: {unsupported}"
-        return row
-    skipped = skip_reason(impl, cuda)
-    if skipped:
-        row.status = skipped
+    why_not = unavailable(case, impl, cuda)
+    if why_not:
+        row.status = why_not
         return row
     sets = [case.inputs(preset, dtype, device, seed) for seed in range(ROTATION if cuda else 1)]
     if impl == "fused":
@@ -836,13 +841,9 @@ def run_train_step_v3(impl: str, preset: str, dtype_name: str, case: V3Case, dev
     if impl not in V3_TRAIN_STEP_IMPLS:
         row.status = f"skipped: the V3 train-step compares {', '.join(V3_TRAIN_STEP_IMPLS)}"
         return row
-    unsupported = case.not_applicable(impl)
-    if unsupported:
-        row.status = f"n/a: {unsupported}"
-        return row
-    skipped = skip_reason(impl, cuda)
-    if skipped:
-        row.status = skipped
+    why_not = unavailable(case, impl, cuda)
+    if why_not:
+        row.status = why_not
         return row
     torch.manual_seed(0)
     world_model = make_world_model_v3(image, num_categoricals=categoricals, num_classes=classes,
