@@ -71,11 +71,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def training_arguments(description: str, frames_per_clip: int) -> argparse.ArgumentParser:
+    """The options both examples take: steps, batch, clip length, frame size, device, backend,
+    seed."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch", type=int, default=16, help="clips per batch (default 16)")
-    p.add_argument("--time", type=int, default=20, help="frames per clip (default 20)")
+    p.add_argument("--time", type=int, default=frames_per_clip,
+                   help=f"frames per clip (default {frames_per_clip})")
     p.add_argument("--size", type=int, default=32, help="frame height and width, divisible by 4")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when available, else cpu")
@@ -84,6 +87,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         "reference elsewhere), triton (the fused kernels; on a CPU only with "
                         "TRITON_INTERPRET=1 set) or torch. Default: auto")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = training_arguments(__doc__.splitlines()[0], frames_per_clip=20)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile(fullgraph=True) the world model and the loss together")
     args = p.parse_args(argv)

@@ -15,7 +15,6 @@ second after the first step (whose time is shown apart).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,11 @@ import torch
 from tensordict import TensorDict
 
 from fused_dreamer_loss import V3_CONVENTIONS, FusedDreamerV3ModelLoss
-from fused_dreamer_loss.functional import resolve_backend
 from fused_dreamer_loss.models_v3 import make_world_model_v3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_world_model import moving_shapes  # noqa: E402  (the V1 example's data)
+from train_world_model import (  # noqa: E402  (the V1 example's data and helpers)
+    backend_line, moving_shapes, sync, training_arguments)
 
 #: A step is terminal when the centre of the frame is lit above this mean brightness.
 TERMINAL_BRIGHTNESS = 0.07
@@ -43,51 +42,26 @@ def make_batch(batch: int, steps: int, size: int, generator, device: str) -> Ten
                       batch_size=[batch, steps], device=device)
 
 
-def backend_line(backend: str, device: str) -> tuple[str, str]:
-    """``(backend to run, why)`` for ``backend`` on ``device``; raises if it cannot run there."""
-    ran = resolve_backend(backend, torch.device(device))
-    if ran == "triton":
-        where = ("on the GPU" if device.startswith("cuda") else
-                 "through Triton's interpreter on the CPU (TRITON_INTERPRET=1: right answers, "
-                 "no speed)")
-        return "triton", f"the fused kernels, {where}"
-    if backend == "torch":
-        return "torch", "the pure-torch reference, asked for with --backend torch"
-    return "torch", ("the pure-torch reference: no CUDA device (the fused Triton kernels need a "
-                     "GPU, or TRITON_INTERPRET=1 and --backend triton)")
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--batch", type=int, default=16, help="clips per batch (default 16)")
-    p.add_argument("--time", type=int, default=16, help="frames per clip (default 16)")
-    p.add_argument("--size", type=int, default=32, help="frame height and width, divisible by 4")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda when available, else cpu")
-    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
-                   help="the loss's backend: auto (the fused kernels on CUDA, the pure-torch "
-                        "reference elsewhere), triton (the fused kernels; on a CPU only with "
-                        "TRITON_INTERPRET=1 set) or torch. Default: auto")
+    p = training_arguments(__doc__.splitlines()[0], frames_per_clip=16)
     p.add_argument("--convention", choices=sorted(V3_CONVENTIONS), default="dreamerv3-2024",
                    help="the loss options of an implementation (default: dreamerv3-2024)")
     p.add_argument("--bins", type=int, default=255, help="reward bins (default 255)")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.size % 4:
         p.error(f"--size must be divisible by 4, got {args.size}")
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    backend, why = backend_line(args.backend, args.device)
     options = dict(V3_CONVENTIONS[args.convention])
     loss_module = FusedDreamerV3ModelLoss(
         make_world_model_v3((3, args.size, args.size), num_reward_bins=args.bins),
-        num_reward_bins=args.bins, backend=backend, **options).to(args.device)
+        num_reward_bins=args.bins, backend=args.backend, **options).to(args.device)
     optimizer = torch.optim.Adam(loss_module.parameters(), lr=3e-4)
     print(f"training on {args.device}: {args.batch} clips x {args.time} uint8 frames of "
           f"3x{args.size}x{args.size}, {sum(p.numel() for p in loss_module.parameters())} "
           f"parameters, the {args.convention} convention")
+    print(backend_line(args.backend, args.device))
 
     def step(data: TensorDict) -> dict[str, torch.Tensor]:
         losses, _ = loss_module(data)
@@ -99,28 +73,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start, warm, values = time.perf_counter(), None, {}
     for i in range(1, args.steps + 1):
         data = make_batch(args.batch, args.time, args.size, g, args.device)
+        losses = step(data)
         if i == 1:
-            try:
-                losses = step(data)
-            except NotImplementedError as exc:  # the fused V3 kernels are not built yet
-                why = f"the pure-torch reference: {backend} could not run ({exc})"
-                backend = loss_module.backend = "torch"
-                losses = step(data)
-            print(f"backend: {backend} ({why})")
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(args.device)
             warm = time.perf_counter()
             first = warm - start
-        else:
-            losses = step(data)
         if i == 1 or i % max(1, args.steps // 10) == 0 or i == args.steps:
             values = {k: float(v.detach()) for k, v in losses.items()}
             shown = (f"first step {first:.2f} s" if i == 1 else
                      f"{(i - 1) / (time.perf_counter() - warm):.1f} steps/s")
             terms = "  ".join(f"{k.removeprefix('loss_model_')} {v:.4f}" for k, v in values.items())
             print(f"step {i:5d}  {terms}  ({shown})", flush=True)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(args.device)
     if args.steps > 1:
         rate = (args.steps - 1) / (time.perf_counter() - warm)
         print(f"{rate:.1f} steps/s over steps 2-{args.steps}; the first step took {first:.2f} s")
