@@ -373,16 +373,6 @@ def _empty_grad(inputs: Sequence[Optional[torch.Tensor]], i: int) -> torch.Tenso
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _empty_outputs(inputs, floats, ints, needs):
-    """The forward's outputs, unwritten: ``[loss_kl, loss_reco, loss_reward, keep, *grads]`` with
-    a gradient for each input in ``needs`` only. Shared by the launcher and its fake."""
-    o = _Options.decode(floats, ints)
-    device = inputs[0].device
-    losses = [torch.empty((), dtype=d, device=device) for d in o.loss_dtypes]
-    keep = torch.empty(3, dtype=acc_dtype(*inputs)[0], device=device)
-    return [*losses, keep, *(_empty_grad(inputs, i) for i, n in enumerate(needs) if n)]
-
-
 def _grad_pointers(grads: Sequence[Optional[torch.Tensor]], dummy: torch.Tensor):
     """Absent gradients get a harmless pointer: the kernels never touch it (constexpr flags)."""
     return [dummy if g is None else g for g in grads]
@@ -401,7 +391,8 @@ def _forward(inputs: list[torch.Tensor], floats: list[float], ints: list[int],
     ``grad_output`` of 1."""
     o = _Options.decode(floats, ints)
     latents, images, rewards = _kernel_views(inputs)
-    out_kl, out_reco, out_reward, keep, *made = _empty_outputs(inputs, floats, ints, needs)
+    out_kl, out_reco, out_reward, keep, *made = machinery.empty_outputs(
+        inputs, o.loss_dtypes, needs, _empty_grad)
     grads = machinery.by_input(made, needs)
 
     R, D = latents[0].shape
@@ -434,7 +425,8 @@ def _forward(inputs: list[torch.Tensor], floats: list[float], ints: list[int],
 
 def _forward_fake(inputs, floats, ints, needs):
     """What :func:`_forward` returns (shapes, strides, dtypes), for tracing."""
-    return _empty_outputs(inputs, floats, ints, needs)
+    return machinery.empty_outputs(inputs, _Options.decode(floats, ints).loss_dtypes, needs,
+                                   _empty_grad)
 
 
 def _backward(inputs: list[torch.Tensor], floats: list[float], ints: list[int],

@@ -560,9 +560,9 @@ def _head_pairs(inputs: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torc
 class _Call:
     """Everything both kernels take, for one call on validated inputs."""
 
-    def __init__(self, inputs: Sequence[Optional[torch.Tensor]], floats, ints,
+    def __init__(self, inputs: Sequence[Optional[torch.Tensor]], o: _Options,
                  grads: Sequence[Optional[torch.Tensor]]):
-        o = self.o = _Options.decode(floats, ints)
+        self.o = o
         q, p = _logit_view(inputs[POSTERIOR]), _logit_view(inputs[PRIOR])
         rows, n_cat, n_cls = q.shape
         reward = inputs[REWARD_PRED].reshape(rows, -1)
@@ -637,23 +637,16 @@ def _empty_grad(inputs: Sequence[Optional[torch.Tensor]], i: int) -> torch.Tenso
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _empty_outputs(inputs, floats, ints, needs):
-    o = _Options.decode(floats, ints)
-    device = inputs[POSTERIOR].device
-    losses = [torch.empty((), dtype=d, device=device) for d in o.loss_dtypes]
-    keep = torch.empty(len(losses), dtype=acc_dtype(*inputs)[0], device=device)
-    return [*losses, keep, *(_empty_grad(inputs, i) for i, n in enumerate(needs) if n)]
-
-
 def _forward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: list[int],
              needs: list[bool]) -> list[torch.Tensor]:
-    """Launch the forward on validated inputs: ``[*losses, keep, *grads]`` (outputs in
-    ``_Options.outputs`` order), the gradients made for a ``grad_output`` of 1."""
-    outs = _empty_outputs(inputs, floats, ints, needs)
-    n_out = len(outs) - 1 - sum(needs)
+    """Launch the forward on validated inputs: ``[*losses, keep, *grads]`` (losses in
+    :func:`output_names` order), the gradients made for a ``grad_output`` of 1."""
+    o = _Options.decode(floats, ints)
+    outs = machinery.empty_outputs(inputs, o.loss_dtypes, needs, _empty_grad)
+    n_out = len(o.loss_dtypes)
     losses, keep, made = outs[:n_out], outs[n_out], outs[n_out + 1:]
-    call = _Call(inputs, floats, ints, machinery.by_input(made, needs))
-    o, launch = call.o, call.launch
+    call = _Call(inputs, o, machinery.by_input(made, needs))
+    launch = call.launch
     partials = torch.empty(launch.programs, dtype=keep.dtype, device=keep.device)
     _v3_fwd_kernel[(launch.programs,)](
         *call.args, partials, *call.sizes, *call.scalars, *call.counts, *call.scales,
@@ -676,7 +669,9 @@ def _forward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: li
 
 
 def _forward_fake(inputs, floats, ints, needs):
-    return _empty_outputs(inputs, floats, ints, needs)
+    """What :func:`_forward` returns (shapes, strides, dtypes), for tracing."""
+    return machinery.empty_outputs(inputs, _Options.decode(floats, ints).loss_dtypes, needs,
+                                   _empty_grad)
 
 
 def _backward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: list[int],
@@ -685,8 +680,9 @@ def _backward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: l
     """Launch the backward: ``factor × gradient`` into each non-None ``grads[i]``."""
     if all(g is None for g in grads):
         return
-    call = _Call(inputs, floats, ints, grads)
-    o, launch = call.o, call.launch
+    o = _Options.decode(floats, ints)
+    call = _Call(inputs, o, grads)
+    launch = call.launch
     t = _term_indices(o)
     _v3_bwd_kernel[(min(launch.programs, backward_programs(keep.device)),)](
         *call.args, keep, tuple(keep if g is None else g for g in grad_outputs), *call.sizes,

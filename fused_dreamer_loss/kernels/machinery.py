@@ -206,6 +206,17 @@ def code_dtype(code: int) -> torch.dtype:
     return FLOAT_DTYPES[code]
 
 
+def empty_outputs(inputs: Sequence[Optional[torch.Tensor]], loss_dtypes: Sequence[torch.dtype],
+                  needs: Sequence[bool], empty_grad: Callable) -> list[torch.Tensor]:
+    """A forward's outputs, unwritten: ``[*losses, keep, *grads]``, one 0-dim loss per dtype in
+    ``loss_dtypes``, the keep flags in the accumulation dtype, and ``empty_grad(inputs, i)`` for
+    each input ``i`` in ``needs``. Shared by the launchers and their fake implementations."""
+    device = inputs[0].device
+    losses = [torch.empty((), dtype=d, device=device) for d in loss_dtypes]
+    keep = torch.empty(len(losses), dtype=acc_dtype(*inputs)[0], device=device)
+    return [*losses, keep, *(empty_grad(inputs, i) for i, n in enumerate(needs) if n)]
+
+
 def by_input(made: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[Optional[torch.Tensor]]:
     """The gradients the forward made, one per input: None where ``needs`` asked for none."""
     made_iter = iter(made)
