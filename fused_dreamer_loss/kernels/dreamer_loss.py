@@ -48,7 +48,7 @@ from .. import reference
 from .._validation import DISTANCES, LossOptions, LossShapes
 from . import machinery
 from .machinery import (INTERPRET, NO_CLAMP, acc_dtype, backward_programs, code_dtype,
-                        dtype_code, flat_pair, is_dense, scalar, store, term_factor)
+                        dtype_code, flat_pair, scalar, store, term_factor)
 
 __all__ = ["INTERPRET", "KERNELS", "fused_dreamer_model_loss"]
 
@@ -367,9 +367,7 @@ def _empty_grad(inputs: Sequence[Optional[torch.Tensor]], i: int) -> torch.Tenso
     the kernels read them in (that of the pair when both are dense and share it)."""
     t = inputs[i]
     if INPUT_TERMS[i] == RECO:
-        x, y = inputs[4], inputs[5]
-        if x.stride() == y.stride() and is_dense(x):
-            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        return machinery.empty_pair_grad(t, inputs[4], inputs[5])
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 

@@ -46,8 +46,8 @@ from .. import reference_v3
 from .._validation_v3 import (KL_MODES, RECO_LOSSES, SYMLOG_BOTH, SYMLOG_NONE, SYMLOG_TARGET,
                               TWO_HOT_SPACES, V3Options, V3Shapes)
 from . import machinery
-from .machinery import (acc_dtype, backward_programs, code_dtype, dtype_code, flat_pair, is_dense,
-                        scalar, store, term_factor)
+from .machinery import (acc_dtype, backward_programs, code_dtype, dtype_code, flat_pair, scalar,
+                        store, term_factor)
 
 __all__ = ["KERNELS", "fused_dreamer_v3_model_loss"]
 
@@ -631,9 +631,7 @@ def _empty_grad(inputs: Sequence[Optional[torch.Tensor]], i: int) -> torch.Tenso
     t = inputs[i]
     if i >= FIRST_HEAD:
         h = FIRST_HEAD + (i - FIRST_HEAD) // 2 * 2
-        x, y = inputs[h], inputs[h + 1]
-        if x.stride() == y.stride() and is_dense(x):
-            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        return machinery.empty_pair_grad(t, inputs[h], inputs[h + 1])
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 

@@ -173,9 +173,22 @@ def flat_pair(target: torch.Tensor, prediction: torch.Tensor) -> tuple[torch.Ten
     are: an elementwise loss reduced over everything does not care about the order. Anything else
     is copied once.
     """
-    if target.stride() == prediction.stride() and is_dense(target):
+    if _read_as_they_are(target, prediction):
         return target, prediction
     return target.contiguous(), prediction.contiguous()
+
+
+def _read_as_they_are(target: torch.Tensor, prediction: torch.Tensor) -> bool:
+    return target.stride() == prediction.stride() and is_dense(target)
+
+
+def empty_pair_grad(t: torch.Tensor, target: torch.Tensor,
+                    prediction: torch.Tensor) -> torch.Tensor:
+    """An unwritten gradient of ``t`` (``target`` or ``prediction``), in the layout
+    :func:`flat_pair` reads the pair in: theirs when they are read as they are, else contiguous."""
+    if _read_as_they_are(target, prediction):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 @functools.lru_cache(maxsize=None)
