@@ -8,11 +8,11 @@ import os
 import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-from helpers import make_inputs  # noqa: E402
-from test_training import torchrl_bf16  # noqa: E402
+from tests.world_model_v1.helpers_v1 import make_inputs  # noqa: E402
+from tests.world_model_v1.test_training import torchrl_bf16  # noqa: E402
 
 from fused_dreamer_loss import dreamer_model_loss, reference  # noqa: E402
 

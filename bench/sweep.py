@@ -9,7 +9,7 @@ import torch
 from triton.testing import do_bench
 
 from fused_dreamer_loss import bench, dreamer_model_loss
-from fused_dreamer_loss.kernels import dreamer_loss as k
+from fused_dreamer_loss.world_model_v1 import kernels as k
 
 TILE_BYTES = (8192, 16384, 32768)
 WARPS = (4, 8, 16)

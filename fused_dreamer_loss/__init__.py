@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the Dreamer world-model loss, a drop-in for torchrl's DreamerModelLoss.
+"""Fused Triton kernels for the Dreamer losses, drop-ins for torchrl's Dreamer loss modules.
 
 - :func:`dreamer_model_loss`: the functional loss (fused kernels on CUDA, pure torch elsewhere).
 - :class:`FusedDreamerModelLoss`: the tensordict module, a drop-in for torchrl's loss.
@@ -7,13 +7,33 @@
 - :func:`dreamer_v3_model_loss`: the DreamerV3 world-model loss (torchrl's DreamerV3ModelLoss), with
   :data:`V3_CONVENTIONS`, the options of other implementations, and its pure-torch reference
   :mod:`fused_dreamer_loss.reference_v3`.
+
+The code lives in one package per loss family (:mod:`.world_model_v1`, :mod:`.world_model_v3`)
+over a shared :mod:`.core`; :mod:`.bench` is the benchmark.
 """
 
-from .conventions import V3_CONVENTIONS
-from .functional import dreamer_model_loss
-from .functional_v3 import dreamer_v3_model_loss
-from .module import FusedDreamerModelLoss
-from .module_v3 import FusedDreamerV3ModelLoss
+import importlib as _importlib
+import sys as _sys
+
+from .world_model_v1 import FusedDreamerModelLoss, dreamer_model_loss
+from .world_model_v3 import V3_CONVENTIONS, FusedDreamerV3ModelLoss, dreamer_v3_model_loss
+
+#: The modules of the flat layout (0.1.0) and where they live now: ``import
+#: fused_dreamer_loss.reference_v3`` and pickles naming the old paths keep working.
+_FORMER_MODULES = {
+    "reference": "world_model_v1.reference",
+    "functional": "world_model_v1.functional",
+    "module": "world_model_v1.module",
+    "models": "world_model_v1.models",
+    "reference_v3": "world_model_v3.reference",
+    "functional_v3": "world_model_v3.functional",
+    "module_v3": "world_model_v3.module",
+    "models_v3": "world_model_v3.models",
+    "conventions": "world_model_v3.conventions",
+}
+for _old, _new in _FORMER_MODULES.items():
+    _sys.modules[f"{__name__}.{_old}"] = globals()[_old] = _importlib.import_module(f".{_new}",
+                                                                                    __name__)
 
 __all__ = ["V3_CONVENTIONS", "FusedDreamerModelLoss", "FusedDreamerV3ModelLoss",
            "dreamer_model_loss", "dreamer_v3_model_loss"]

@@ -7,7 +7,8 @@ project's own launchers (forward, and backward with grad outputs 1 and 2) on CPU
 benchmark presets' shapes: Triton's real front end, its passes down to PTX, and ptxas to a cubin.
 It prints one JSON line per compiled kernel: name, registers and spilled bytes (from ``ptxas -v``).
 
-Run as a script (``tests/test_compile_for_gpu.py`` does); TRITON_INTERPRET must not be set.
+Run from the repository root as ``python -m tests.compile_for_gpu`` (``tests/test_compile_for_gpu.py``
+does); TRITON_INTERPRET must not be set.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def ptxas_report(kernel) -> dict:
 def cases():
     """(what, spill-free, run): each run calls a loss forward and backward on CPU tensors; the
     benchmark presets' dtypes (float32, bfloat16) must compile without register spills."""
-    from helpers import make_inputs
-    from helpers_v3 import leaves, make_v3_inputs
+    from tests.world_model_v1.helpers_v1 import make_inputs
+    from tests.world_model_v3.helpers_v3 import leaves, make_v3_inputs
 
     from fused_dreamer_loss import dreamer_model_loss, dreamer_v3_model_loss
 
@@ -131,9 +132,9 @@ def main() -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
     driver.set_active(CompileOnlyDriver())
     jit.JITFunction.run = _compile_only
-    from fused_dreamer_loss.kernels import dreamer_loss
+    from fused_dreamer_loss.core import machinery
 
-    dreamer_loss.INTERPRET = True  # lets backend="triton" take CPU tensors (nothing runs)
+    machinery.INTERPRET = True  # lets backend="triton" take CPU tensors (nothing runs)
     for what, spill_free, run in cases():
         start = len(COMPILED)
         run()

@@ -22,8 +22,8 @@ def device() -> torch.device:
 def small_blocks(monkeypatch):
     """Shrink every tile so that small test shapes span many programs, latent chunks and
     finalize steps, as large inputs do on a GPU."""
-    from fused_dreamer_loss.kernels import dreamer_loss as k
-    from fused_dreamer_loss.kernels import machinery
+    from fused_dreamer_loss.world_model_v1 import kernels as k
+    from fused_dreamer_loss.core import machinery
 
     monkeypatch.setattr(k, "IMAGE_TILE_BYTES", 256)
     monkeypatch.setattr(k, "REWARD_BLOCK", 4)

@@ -15,7 +15,7 @@ import sys
 import pytest
 import triton
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 KERNELS = {"_dreamer_loss_fwd_kernel", "_dreamer_loss_bwd_kernel", "_v3_fwd_kernel",
            "_v3_bwd_kernel", "finalize_kernel"}
@@ -27,8 +27,8 @@ def report(tmp_path_factory):
         pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
-    done = subprocess.run([sys.executable, os.path.join(HERE, "compile_for_gpu.py")], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=HERE)
+    done = subprocess.run([sys.executable, "-m", "tests.compile_for_gpu"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads(line) for line in done.stdout.splitlines()]
 

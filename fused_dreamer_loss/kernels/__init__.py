@@ -1,2 +1,0 @@
-"""Triton kernels. Importing this package imports triton (set ``TRITON_INTERPRET=1`` before, to run
-the kernels on CPU tensors)."""
