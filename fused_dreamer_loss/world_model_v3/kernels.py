@@ -496,11 +496,25 @@ class _Options:
         return 1 if self.balanced else 2
 
 
+def _outputs(balanced: bool, has_continue: bool) -> list[tuple[str, str]]:
+    """The kernels' losses in the order they write them, each with the segment of programs whose
+    partial sums it adds: the one statement of that order (the names, the finalize's ranges and
+    multipliers, and the backward's term indices are read from it)."""
+    kl = ([("loss_model_kl", "kl")] if balanced else
+          [("loss_model_dynamic", "kl"), ("loss_model_representation", "kl")])
+    cont = [("loss_model_continue", "continue")] if has_continue else []
+    return [*kl, ("loss_model_reward", "reward"), *cont, ("loss_model_reco", "reco")]
+
+
 def _term_indices(o: _Options) -> dict[str, int]:
-    """Each term's output index: the posterior's (q) and the prior's (p) KL term, the others."""
-    k = o.kl_outputs
-    return {"q": 0 if o.balanced else 1, "p": 0, "reward": k,
-            "continue": k + 1 if o.has_continue else k, "reco": k + 1 + o.has_continue}
+    """Each term's output index: the posterior's (q) and the prior's (p) KL term, the others
+    (without a continue term, its index is the reward's: no program reads it)."""
+    index = {name: i for i, (name, _) in enumerate(_outputs(o.balanced, o.has_continue))}
+    q = index["loss_model_kl" if o.balanced else "loss_model_representation"]
+    p = index["loss_model_kl" if o.balanced else "loss_model_dynamic"]
+    reward = index["loss_model_reward"]
+    return {"q": q, "p": p, "reward": reward,
+            "continue": index.get("loss_model_continue", reward), "reco": index["loss_model_reco"]}
 
 
 def _terms(ints: Sequence[int], n_inputs: int) -> tuple[int, ...]:
@@ -650,19 +664,21 @@ def _forward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: li
         *call.args, partials, *call.sizes, *call.scalars, *call.counts, *call.scales,
         ACC=acc_dtype(keep)[1], **call.meta,
     )
-    kl = (0, launch.kl_programs)
-    reward = (kl[1], kl[1] + launch.reward_programs)
-    cont = [(reward[1], reward[1] + launch.cont_programs)] if o.has_continue else []
-    reco = (launch.head_starts[0], launch.head_starts[-1])
-    if o.balanced:  # α·m + (1 − α)·m: both sides have the same value m
-        kl_ranges, kl_multipliers = [kl], [o.lambda_kl]
-    else:
-        kl_ranges = [kl, kl]
-        kl_multipliers = [o.lambda_kl * o.lambda_dynamic, o.lambda_kl * o.lambda_representation]
-    machinery.launch_finalize(
-        partials, losses, keep, ranges=[*kl_ranges, reward, *cont, reco],
-        multipliers=[*kl_multipliers, o.lambda_reward, *([o.lambda_continue] * len(cont)),
-                     o.lambda_reco])
+    kl_end = launch.kl_programs
+    reward_end = kl_end + launch.reward_programs
+    segments = {"kl": (0, kl_end), "reward": (kl_end, reward_end),
+                "continue": (reward_end, reward_end + launch.cont_programs),
+                "reco": (launch.head_starts[0], launch.head_starts[-1])}
+    # Balanced: α·m + (1 − α)·m, both sides of the one KL loss have the same value m.
+    multipliers = {"loss_model_kl": o.lambda_kl,
+                   "loss_model_dynamic": o.lambda_kl * o.lambda_dynamic,
+                   "loss_model_representation": o.lambda_kl * o.lambda_representation,
+                   "loss_model_reward": o.lambda_reward, "loss_model_continue": o.lambda_continue,
+                   "loss_model_reco": o.lambda_reco}
+    order = _outputs(o.balanced, o.has_continue)
+    machinery.launch_finalize(partials, losses, keep,
+                              ranges=[segments[segment] for _, segment in order],
+                              multipliers=[multipliers[name] for name, _ in order])
     return outs
 
 
@@ -708,10 +724,7 @@ KERNELS = machinery.register(machinery.LossKernels(
 
 def output_names(opts: V3Options) -> list[str]:
     """The loss names in the order the kernels write them."""
-    kl = (["loss_model_kl"] if opts.kl_mode == "balanced"
-          else ["loss_model_dynamic", "loss_model_representation"])
-    cont = ["loss_model_continue"] if opts.has_continue else []
-    return [*kl, "loss_model_reward", *cont, "loss_model_reco"]
+    return [name for name, _ in _outputs(opts.kl_mode == "balanced", opts.has_continue)]
 
 
 @functools.lru_cache(maxsize=None)
