@@ -82,3 +82,10 @@ def assert_torchrl_loss_module_api(ours, theirs, extra_net: torch.nn.Module) -> 
     assert set(ours.state_dict()) == set(theirs.state_dict())
     assert (set(ours.extra_net_params.keys(True, True))
             == set(theirs.extra_net_params.keys(True, True)))
+
+
+def assert_same_state(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """The same state-dict names, in the same order, holding equal tensors."""
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), name

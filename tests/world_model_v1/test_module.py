@@ -11,7 +11,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 
 from fused_dreamer_loss import FusedDreamerModelLoss
-from tests.helpers import assert_torchrl_loss_module_api
+from tests.helpers import assert_same_state, assert_torchrl_loss_module_api
 
 torchrl = pytest.importorskip("torchrl")
 from torchrl.data import Unbounded  # noqa: E402
@@ -278,15 +278,13 @@ def test_state_dict_names_and_strict_loading_both_ways(device, model):
     ours = FusedDreamerModelLoss(world_model(device))
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_same_state(ours, theirs)
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(1.0)
     again = DreamerModelLoss(copy.deepcopy(model))
     again.load_state_dict(ours.state_dict(), strict=True)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_same_state(ours, again)
 
 
 def test_reset_parameters_recursive_as_torchrl(model):

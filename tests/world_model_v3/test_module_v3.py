@@ -27,7 +27,7 @@ import fused_dreamer_loss.models_v3
 import fused_dreamer_loss.module_v3
 from fused_dreamer_loss import FusedDreamerV3ModelLoss
 from fused_dreamer_loss.reference_v3 import categorical_kl_terms, symexp
-from tests.helpers import assert_torchrl_loss_module_api
+from tests.helpers import assert_same_state, assert_torchrl_loss_module_api
 
 try:
     from torchrl.modules import (DreamerV3ImageDecoder, DreamerV3ImageEncoder, DreamerV3MLP,
@@ -347,16 +347,14 @@ def test_state_dict_names_and_strict_loading_both_ways(model):
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert "reward_bins" in ours.state_dict()
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_same_state(ours, theirs)
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(1.0)
         ours.reward_bins.mul_(2)
     again = DreamerV3ModelLoss(copy.deepcopy(model), num_reward_bins=BINS)
     again.load_state_dict(ours.state_dict(), strict=True)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_same_state(ours, again)
 
 
 @needs_torchrl
