@@ -1,4 +1,4 @@
 """The benchmark (``fused-dreamer-loss-bench``)."""
 
-from .cli import *  # noqa: F401,F403
-from .cli import main, run  # noqa: F401
+from .workloads import *  # noqa: F401,F403
+from .workloads import main, run  # noqa: F401

@@ -1,3 +1,3 @@
-from .cli import main
+from .workloads import main
 
 raise SystemExit(main())

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fused_dreamer_loss import V3_CONVENTIONS
-from fused_dreamer_loss.bench import cli as bench
+from fused_dreamer_loss.bench import workloads as bench
 from fused_dreamer_loss.models_v3 import CategoricalWorldModel
 
 ROW_KEYS = {"impl", "preset", "frames", "image_shape", "latent_dim", "dtype", "mode", "median_ms",
