@@ -1,3 +1,3 @@
-from .workloads import main
+from .cli import main
 
 raise SystemExit(main())
