@@ -91,6 +91,8 @@ WORKLOADS: dict[str, Workload] = {
              "worth in a real step: --loss v1, fused_dreamer_loss.models with the fused vs the "
              "eager loss; --loss v3, fused_dreamer_loss.models_v3 (the preset's categorical "
              "latents; 16 and 32 conv channels, 256-wide embedding, GRU and heads; narrower at "
-             "v3-tiny) trained through FusedDreamerV3ModelLoss (fused: backend triton, checked "
-             "and not timed on a CPU; eager: backend torch) and torchrl's DreamerV3ModelLoss"),
+             "v3-tiny) trained through FusedDreamerV3ModelLoss (fused: backend triton; eager: "
+             "backend torch) and torchrl's DreamerV3ModelLoss. The fused row is first checked on "
+             "the world model's outputs against the float64 reference; on a CPU it is checked "
+             "(through Triton's interpreter), not timed"),
 }
