@@ -4,6 +4,7 @@ DreamerV3ModelLoss, computing through :func:`fused_dreamer_loss.dreamer_v3_model
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,7 +146,9 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
         num_reward_bins (int, optional): the number of reward bins of torchrl's default support;
             with ``reward_bins`` it is their count (passing another value raises). Default: 255.
         global_average (bool, optional): average the reconstruction over all its elements instead
-            of summing each row over its event dims. Default: ``False``.
+            of summing each row over everything after the tensordict's batch dims and averaging
+            over the rows, as torchrl (a tensordict of ``batch_size=[B]`` holding ``[B, T, ...]``
+            frames has B rows of T frames). Default: ``False``.
         detach_output (bool, optional): return the world model's output detached. Default: True.
         reward_bins (tensor or sequence, optional): a support of your own (1-D, ascending) for the
             ``reward_bins`` buffer; default: torchrl's (``symexp`` of a uniform grid of [−20, 20]).
@@ -433,7 +436,9 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
 
         losses = dreamer_v3_model_loss(
             posterior, prior, targets, predictions, true_reward, reward_pred, continue_pred,
-            terminated, lambda_kl=self.lambda_kl, lambda_reco=self.lambda_reco,
+            terminated, lambda_kl=self.lambda_kl,
+            lambda_reco=self.lambda_reco * _rows_per_tensordict_row(posterior, tensordict,
+                                                                    self.global_average),
             lambda_reward=self.lambda_reward,
             lambda_continue=self.lambda_continue if continue_pred is not None else 0.0,
             kl_mode=self.kl_mode, lambda_dynamic=self.lambda_dynamic,
@@ -452,6 +457,17 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
                           for name, loss in losses.items()}, batch_size=[])
         self._clear_refs(tensordict, out)
         return out, tensordict.data if self.detach_output else tensordict
+
+
+def _rows_per_tensordict_row(logits: torch.Tensor, tensordict: TensorDictBase,
+                             global_average: bool) -> float:
+    """How many of the functional loss's reconstruction rows (the logits' batch dims ``*B``) make
+    one row of torchrl's, which sums each row over everything after the tensordict's batch dims
+    (``batch_size=[B]`` with ``[B, T, ...]`` frames: T; ``batch_size=[]``: all of ``*B``)."""
+    rows, tensordict_rows = math.prod(logits.shape[:-2]), math.prod(tensordict.batch_size)
+    if global_average or not tensordict_rows:  # an empty batch: the functional loss says so
+        return 1.0
+    return rows / tensordict_rows
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
