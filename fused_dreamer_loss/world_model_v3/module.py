@@ -24,6 +24,9 @@ from .validation import DEFAULT_NUM_REWARD_BINS, V3Options
 
 KL_NAMES = {"balanced": ("loss_model_kl",),
             "separate": ("loss_model_dynamic", "loss_model_representation")}
+#: Dtypes a module cast does not give the reward_bins buffer: torchrl's default support (±4.9e8)
+#: overflows float16 and is rounded to 3 digits in bfloat16, and the loss computes in float32.
+NARROW_FLOATS = (torch.float16, torch.bfloat16)
 
 
 # ---- torchrl's dtypes: the kinds of ops its DreamerV3ModelLoss applies to each term -------------
@@ -109,6 +112,11 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
       continue term and for uint8 heads without symlog), but are computed in float32 or float64
       and rounded once, never in bf16 arithmetic; heads without symlog of a float64 world model
       are compared in float64 (torchrl first rounds the prediction to float32);
+    - a cast of the module to float16 or bfloat16 (``loss.to(torch.float16)``, ``half()``)
+      leaves the ``reward_bins`` buffer in its dtype (it follows the device): torchrl's float16
+      buffer overflows to ±inf at the ends of the default support and its bfloat16 one rounds every
+      bin, while the loss is computed in float32 anyway (a state dict saved from a float16 torchrl
+      module holds those infinite bins: rebuild its bins rather than load them);
     - options are checked at construction (torchrl checks ``kl_mode`` and
       ``continue_target_scale``), key values in ``set_keys``, and the inputs on every call, with
       errors naming the argument or the key; ``terminated`` may also be float (torchrl's ``~``
@@ -339,6 +347,17 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
         fused.reward_bins = loss.reward_bins.detach().clone()
         fused.set_keys(**dataclasses.asdict(loss.tensor_keys))
         return fused
+
+    def _apply(self, fn, *args, **kwargs):
+        """``nn.Module._apply`` (behind ``to``, ``half``, ``cuda``, ...), except that a cast to
+        float16 or bfloat16 leaves ``reward_bins`` in its dtype (on the new device): bins in a
+        dtype that holds them."""
+        bins = self.reward_bins
+        result = super()._apply(fn, *args, **kwargs)
+        cast = self._buffers["reward_bins"]
+        if cast.dtype in NARROW_FLOATS and bins.dtype not in NARROW_FLOATS:
+            self._buffers["reward_bins"] = bins.to(cast.device)
+        return result
 
     def _heads(self) -> tuple[list[NestedKey], list[NestedKey], list[bool | str]]:
         """The (pixels, reco_pixels, reco_symlog) of each head, or a ValueError naming them."""
