@@ -20,7 +20,7 @@ from ..core.torchrl_module import LossModuleBase, TensorKeysMixin, cast_to, torc
 from ..core.validation import check_backend
 from .functional import dreamer_v3_model_loss
 from .reference import default_reward_bins, symlog
-from .validation import DEFAULT_NUM_REWARD_BINS, V3Options
+from .validation import DEFAULT_NUM_REWARD_BINS, V3Options, check_bins_ascending
 
 KL_NAMES = {"balanced": ("loss_model_kl",),
             "separate": ("loss_model_dynamic", "loss_model_representation")}
@@ -304,6 +304,7 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
                     f"num_reward_bins={num_reward_bins} but reward_bins holds {bins.numel()} "
                     "bins; leave num_reward_bins out when you give reward_bins")
             num_reward_bins = bins.numel()
+            check_bins_ascending(bins, bins.dtype)  # as the buffer holds them
         self.world_model = world_model
         self.backend = check_backend(backend)
         self.lambda_kl = lambda_kl

@@ -81,15 +81,25 @@ def _check_reward_bins(value: object) -> torch.Tensor:
             f"reward_bins must be 1-D with at least {MIN_REWARD_BINS} values, got shape "
             f"{tuple(bins.shape)}"
         )
-    if bins.device.type == "cpu" and not torch.compiler.is_compiling():
-        values = bins.double()
-        if not bool(torch.isfinite(values).all()) or not bool((values[1:] > values[:-1]).all()):
-            raise ValueError(
-                f"reward_bins must be finite and strictly ascending, got {values.tolist()}"
-                if values.numel() <= _BINS_SHOWN else
-                f"reward_bins must be finite and strictly ascending ({values.numel()} values)"
-            )
+    check_bins_ascending(bins, torch.float64)
     return bins
+
+
+def check_bins_ascending(bins: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise a ValueError naming ``reward_bins`` unless ``bins``, cast to ``dtype`` (the dtype the
+    loss uses them in), are finite and strictly ascending: bins distinct in float64 may collide
+    in float32 (``1e8`` and ``1e8 + 1``), which would divide by zero in the two-hot weights.
+    Only bins on the CPU are read, outside ``torch.compile``: a device tensor would synchronise.
+    """
+    if bins.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    values = bins.to(dtype)
+    if bool(torch.isfinite(values).all()) and bool((values[1:] > values[:-1]).all()):
+        return
+    where = "" if dtype == torch.float64 else f" in {dtype}, the dtype of the reward loss"
+    shown = (f", got {values.tolist()}" if values.numel() <= _BINS_SHOWN
+             else f" ({values.numel()} values)")
+    raise ValueError(f"reward_bins must be finite and strictly ascending{where}{shown}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -383,6 +393,8 @@ def validate_v3_inputs(
         continue_dtype=(_term_dtype(continue_pred, terminated) if opts.has_continue else None),
     )
     _check_options_fit(opts, shapes)
+    if opts.reward_two_hot and bins is not None:
+        check_bins_ascending(bins, shapes.reward_dtype)
     return shapes
 
 
