@@ -387,11 +387,11 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
                     f"{logits_key} (the 'reward_logits' key) is missing from the world model's "
                     f"output (and so is the legacy {reward_key}); set it with "
                     "set_keys(reward_logits=...) if your world model writes it elsewhere")
+            # torchrl's category and words, so that filters and matches written for it hold
             warnings.warn(
-                f"the reward logits were read from {reward_key}, the decoded-reward key, because "
-                f"{logits_key} is missing: torchrl deprecates this fallback (removal planned for "
-                "torchrl 0.16); have the world model write the logits to the reward_logits key",
-                DeprecationWarning, stacklevel=3)
+                "Storing DreamerV3 categorical reward logits under the decoded reward key "
+                f"{reward_key!r} is deprecated and will be removed in v0.16. Write logits to the "
+                "configured reward_logits key instead.", DeprecationWarning, stacklevel=3)
         if logits.shape[-1] != self.reward_bins.numel():
             raise ValueError(
                 f"reward_two_hot=True needs logits over {self.reward_bins.numel()} bins, but the "
