@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,16 @@ SYMLOG_BOTH = "both"
 SYMLOG_TARGET = "target"
 SYMLOG_NONE = "none"
 _HEAD_MODES = {True: SYMLOG_BOTH, False: SYMLOG_NONE, "target": SYMLOG_TARGET}
+
+#: Warned about once a process: a head that symlogs integer targets symlogs the raw values.
+RAW_SYMLOG_WARNING = (
+    "{name} holds integer frames ({dtype}) and reco_symlog is {mode!r} for that head: the loss "
+    "compares the symlog of the raw values (0...255), as torchrl does, not of pixels / 255, so "
+    "the prediction must be in raw pixel units (or, with 'target', in symlog units). For targets "
+    "scaled as x * pixels_scale + pixels_offset (the DreamerV3 reference's uint8 / 255), use "
+    "reco_symlog=False. Shown once."
+)
+_warned: set[str] = set()
 
 _REAL_OPTIONS = ("lambda_kl", "lambda_reco", "lambda_reward", "lambda_continue", "lambda_dynamic",
                  "lambda_representation", "unimix", "continue_target_scale", "kl_alpha",
@@ -330,6 +341,10 @@ def validate_v3_inputs(
         )
 
     per_head = symlog if isinstance(symlog, tuple) else (symlog,) * len(targets)
+    for ((name, target), _), mode in zip(heads, per_head):
+        if mode is not False and not target.is_floating_point():
+            _warn_once(RAW_SYMLOG_WARNING,
+                       RAW_SYMLOG_WARNING.format(name=name, dtype=target.dtype, mode=mode))
 
     if posterior_logits.dim() < 3:
         raise ValueError(
@@ -396,6 +411,15 @@ def validate_v3_inputs(
     if opts.reward_two_hot and bins is not None:
         check_bins_ascending(bins, shapes.reward_dtype)
     return shapes
+
+
+def _warn_once(key: str, message: str) -> None:
+    """A UserWarning the first time ``key`` applies in this process (pointing at the caller of
+    the loss), none after; none while torch.compile traces, where a warning cannot be raised."""
+    if key in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add(key)
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _check_options_fit(opts: V3Options, shapes: V3Shapes) -> None:
