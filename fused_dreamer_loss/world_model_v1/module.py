@@ -48,8 +48,16 @@ class FusedDreamerModelLoss(TensorKeysMixin, LossModuleBase):
     ``tensordict.nn.TensorDictModuleBase`` with the same arguments, keys and outputs, and
     ``reset_parameters_recursive`` is tensordict's (it resets every parameter of the world model).
 
+    As torchrl's, the reduction does not depend on the tensordict's batch size (a tensordict of
+    ``batch_size=[B]`` or ``[]`` holding ``[B, T, ...]`` data gives the losses of ``[B, T]``): the KL
+    is summed over the latent dim and the reconstruction over each frame's ``C, H, W``, then
+    averaged over the rest.
+
     Where it differs from torchrl's:
 
+    - an observation with other than three event dims (after the latents' batch dims): its row
+      sum runs over all of them; torchrl sums over the last three dims whatever they are (for a
+      vector observation ``[B, T, D]``, over the batch too);
     - a world model without the ``WorldModelWrapper`` layout is accepted (``decoder`` and
       ``reward_model`` are then None; torchrl raises a TypeError at construction);
     - options are checked at construction and key values in ``set_keys``, with errors naming the
