@@ -24,15 +24,17 @@ touching memory; otherwise they recompute the gradients from the saved inputs in
 times the factor, rounding once. A later backward through the same graph (``retain_graph=True``)
 gets fresh buffers, always recomputed. ``create_graph=True``, and ``grad_outputs`` batched by a
 ``torch.func`` transform, differentiate the loss's pure-torch reference on the saved inputs
-instead. Under ``torch.compile`` the forward makes no gradients and
-the backward recomputes them into fresh tensors (the custom op ``fused_dreamer_loss::gradients``),
-because a traced backward cannot know whether it runs for the first time.
+instead. Under ``torch.compile`` the same happens in the custom ops: a traced backward cannot know
+whether it runs for the first time, but the op it calls, ``fused_dreamer_loss::gradients``, runs
+at run time and can. The forward op holds the gradients it makes outside the graph, keyed by its
+``keep`` tensor (which the backward gets), and the gradients op hands them over as eager mode does.
 """
 
 # No `from __future__ import annotations`: Triton reads the "fp64" annotations as written.
 import contextlib
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -288,15 +290,32 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+#: What a compiled forward made for its backward: the gradients (one entry per input, None where
+#: none was made or once handed out), keyed by the storage of the forward's ``keep`` tensor, which
+#: the backward gets as a saved tensor. An entry goes with that storage: when the autograd graph
+#: is freed, backward or not.
+_HELD: "weakref.WeakKeyDictionary[torch.UntypedStorage, list]" = weakref.WeakKeyDictionary()
+
+
 def _gradients(loss: str, inputs: list[Optional[torch.Tensor]], floats: list[float],
                ints: list[int], keep: torch.Tensor, grad_outputs: list[Optional[torch.Tensor]],
                wanted: list[bool]) -> list[torch.Tensor]:
-    """Fresh gradients, ``factor × d loss / d input``, of the inputs in ``wanted``."""
+    """``factor × d loss / d input`` of the inputs in ``wanted``: the gradients the forward held
+    the first time a term asks (left as they are when its factor is 1, fixed in place otherwise),
+    fresh ones after that."""
     kernels = LOSSES[loss]
-    grads = [kernels.empty_grad(inputs, i) if w else None for i, w in enumerate(wanted)]
+    held = _HELD.get(keep.untyped_storage(), [None] * len(inputs))
+    terms = kernels.terms(ints, len(inputs))
+    grads = [held[i] if w else None for i, w in enumerate(wanted)]
+    skip_if_one = [all(g is not None for g, w, t in zip(grads, wanted, terms) if w and t == term)
+                   for term in range(len(grad_outputs))]
+    for i, w in enumerate(wanted):
+        if w:
+            held[i] = None
+            if grads[i] is None:
+                grads[i] = kernels.empty_grad(inputs, i)
     with on_device(keep):
-        kernels.backward(inputs, floats, ints, keep, grad_outputs, grads,
-                         [False] * len(grad_outputs))
+        kernels.backward(inputs, floats, ints, keep, grad_outputs, grads, skip_if_one)
     return [g for g in grads if g is not None]
 
 
@@ -311,19 +330,38 @@ def _forward(loss: str, inputs: list[Optional[torch.Tensor]], floats: list[float
         return LOSSES[loss].forward(inputs, floats, ints, needs)
 
 
-def _forward_fake(loss, inputs, floats, ints, needs):
-    return LOSSES[loss].forward_fake(inputs, floats, ints, needs)
+def _forward_holding(loss: str, inputs: list[Optional[torch.Tensor]], floats: list[float],
+                     ints: list[int], needs: list[bool]) -> list[torch.Tensor]:
+    """The forward for the compiler: ``[*losses, keep]``. The gradients it makes (of the inputs in
+    ``needs``, for a ``grad_output`` of 1) are held for :func:`_gradients`, not returned."""
+    outs = _forward(loss, inputs, floats, ints, needs)
+    n_made = sum(needs)
+    kept = outs[:len(outs) - n_made]
+    if n_made:
+        _HELD[kept[-1].untyped_storage()] = by_input(outs[len(outs) - n_made:], needs)
+    return kept
 
 
-# Custom ops: how torch.compile sees the launchers. Dynamo cannot trace a Triton launch (nor
+def _forward_holding_fake(loss, inputs, floats, ints, needs):
+    return LOSSES[loss].forward_fake(inputs, floats, ints, [False] * len(needs))
+
+
+# Custom ops: how torch.compile sees the fused loss. Dynamo cannot trace a Triton launch (nor
 # Triton's interpreter), so under torch.compile the Function calls these: opaque to the tracer,
-# with fake implementations for shapes. Both are functional (no argument is written). In eager
-# mode the Function calls the launchers directly and skips the dispatcher (about 20 µs of host
-# time per call, measured on this project's CPU VM).
-forward_op = torch.library.custom_op("fused_dreamer_loss::forward", _forward, mutates_args=())
-forward_op.register_fake(_forward_fake)
+# with fake implementations for shapes. To the compiler both are functional: no argument is
+# written, every output is a tensor it has not seen. The gradients the forward makes travel
+# outside the graph (:data:`_HELD`), so that the backward can hand them over, as eager mode does.
+# Memory the compiler does not see must not come from a pool it manages: CUDA graph trees
+# (``mode="reduce-overhead"``) account for every live block of their pool as a graph output, so
+# there the ops run between the captured partitions (``cudagraph_unsafe``). A capture of the whole
+# step (``torch.cuda.graph``) replays them like any kernel. In eager mode the Function calls the
+# launchers directly and skips the dispatcher (about 20 µs of host time per call, measured on this
+# project's CPU VM).
+forward_op = torch.library.custom_op("fused_dreamer_loss::forward", _forward_holding,
+                                     mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+forward_op.register_fake(_forward_holding_fake)
 gradients_op = torch.library.custom_op("fused_dreamer_loss::gradients", _gradients,
-                                       mutates_args=())
+                                       mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 gradients_op.register_fake(_gradients_fake)
 
 
@@ -360,9 +398,9 @@ class FusedLossFunction(torch.autograd.Function):
         floats, ints = kernels.encode(options, shapes)
         compiling = torch.compiler.is_compiling()
         forward = forward_op if compiling else _forward
-        # Compiled: the backward recomputes every gradient, so the forward makes none.
+        outs = forward(kernels.name, list(inputs), floats, ints, needs)
+        # Compiled: the forward op holds its gradients for the gradients op (see _HELD).
         made_needs = [False] * len(needs) if compiling else needs
-        outs = forward(kernels.name, list(inputs), floats, ints, made_needs)
         n_out = len(outs) - 1 - sum(made_needs)
         losses, keep, made = outs[:n_out], outs[n_out], outs[n_out + 1:]
         if any(needs):
