@@ -287,9 +287,12 @@ def by_input(made: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[Option
 
 def _launch_hooks_set() -> bool:
     """Whether a launch hook (a profiler's) is registered: then every launch goes through
-    Triton's dispatch, which builds the launch metadata the hooks read."""
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+    Triton's dispatch, which builds the launch metadata the hooks read. (Triton 3.5 and later
+    keep the hooks in chains, never None; earlier releases a hook or None.)"""
+    runtime = knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return (enter is not None and getattr(enter, "calls", True)) or \
+        (leave is not None and getattr(leave, "calls", True))
 
 
 class Launch:
@@ -388,9 +391,10 @@ class LossKernels:
             differentiable twice; used for ``create_graph=True`` and forward-mode AD.
         plan: ``(inputs, floats, ints) -> plan``, optional: what ``forward`` and ``backward``
             launch for inputs of this signature (shapes, strides, dtypes, device), worked out
-            once: ``plan.forward(inputs, needs)`` and ``plan.backward(inputs, keep, grad_outputs,
-            grads, skip_if_one)`` do what ``forward`` and ``backward`` do. Eager calls prepared
-            once per signature (:class:`FusedCall`) reuse it.
+            once: ``plan.forward(inputs, needs) -> (losses, keep, grads)`` (``grads`` one per
+            input, None where ``needs`` asks for none) and ``plan.backward(inputs, keep,
+            grad_outputs, grads, skip_if_one)`` do what ``forward`` and ``backward`` do. Eager
+            calls prepared once per signature (:class:`FusedCall`) reuse it.
         input_names: ``(ints, n_inputs) -> names``, optional: the inputs' argument names, for
             error messages.
     """
@@ -419,9 +423,13 @@ def register(kernels: LossKernels) -> LossKernels:
 def on_device(t: torch.Tensor):
     """A context in which Triton launches on ``t``'s GPU (it launches on the current device, which
     need not be the tensors'); nothing to switch when it is the current one."""
-    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
+    device = t.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_SWITCH
+    return torch.cuda.device(device)
+
+
+_NO_SWITCH = contextlib.nullcontext()
 
 
 def _gradients(loss: str, inputs: list[Optional[torch.Tensor]], floats: list[float],
@@ -471,7 +479,9 @@ class _Unplanned:
         self.kernels, self.floats, self.ints = kernels, floats, ints
 
     def forward(self, inputs, needs):
-        return self.kernels.forward(list(inputs), self.floats, self.ints, list(needs))
+        outs = self.kernels.forward(list(inputs), self.floats, self.ints, list(needs))
+        n_out = len(outs) - 1 - sum(needs)
+        return outs[:n_out], outs[n_out], by_input(outs[n_out + 1:], needs)
 
     def backward(self, inputs, keep, grad_outputs, grads, skip_if_one):
         self.kernels.backward(inputs, self.floats, self.ints, keep, grad_outputs, grads,
@@ -564,31 +574,29 @@ class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: FusedCall, grad_enabled: bool, *inputs):
         ctx.set_materialize_grads(False)
-        kernels = call.kernels
-        compiling = torch.compiler.is_compiling()
-        if compiling:
+        if torch.compiler.is_compiling():
             needs = [bool(grad_enabled and n and t is not None)
                      for n, t in zip(ctx.needs_input_grad[2:], inputs)]
             # Compiled: the backward recomputes every gradient, so the forward makes none.
-            made_needs = [False] * len(needs)
-            outs = forward_op(kernels.name, list(inputs), call.floats, call.ints, made_needs)
-        else:
-            needs = made_needs = call.needs
-            with on_device(inputs[0]):
-                outs = call.plan.forward(inputs, needs)
-        n_out = len(outs) - 1 - sum(made_needs)
-        losses, keep, made = outs[:n_out], outs[n_out], outs[n_out + 1:]
-        if any(needs):
-            if compiling:
+            outs = forward_op(call.kernels.name, list(inputs), call.floats, call.ints,
+                              [False] * len(needs))
+            losses, keep = outs[:-1], outs[-1]
+            grads = [None] * len(needs)
+            if any(needs):
                 ctx.save_for_backward(*inputs, keep)
-            else:
-                ctx.save_for_backward(*(inputs[i] for i in call.saved), keep)
+        else:
+            needs = call.needs
+            with on_device(inputs[0]):
+                losses, keep, grads = call.plan.forward(inputs, needs)
+            if call.saved:
+                ctx.save_for_backward(*[inputs[i] for i in call.saved], keep)
                 ctx.held = [(i, inputs[i], _version(inputs[i])) for i in call.held]
+        if any(needs):
             # The gradient buffers are not saved tensors: a user may modify one in place once it
             # is handed out (torch allows that), which a saved tensor's version check would refuse.
-            ctx.forward_grads = by_input(made, made_needs)
+            ctx.forward_grads = grads
             ctx.call, ctx.needs, ctx.n_inputs = call, needs, len(inputs)
-            ctx.handed_out = [False] * n_out
+            ctx.handed_out = [False] * len(losses)
         return tuple(losses)
 
     @staticmethod

@@ -437,9 +437,9 @@ class _Plan:
         """This plan, or a new one where the module constants changed since it was made."""
         return self if self.tuning == tuning() else _Plan(inputs, self.floats, self.ints)
 
-    def forward(self, inputs: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[torch.Tensor]:
-        """``[loss_kl, loss_reco, loss_reward, keep, *grads]``, the gradients (of the inputs in
-        ``needs``, in input order) made for a ``grad_output`` of 1."""
+    def forward(self, inputs: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple:
+        """``((loss_kl, loss_reco, loss_reward), keep, grads)``: one gradient per input, made for
+        a ``grad_output`` of 1, None where ``needs`` asks for none."""
         plan = self._current(inputs)
         if plan is not self:
             return plan.forward(inputs, needs)
@@ -456,7 +456,7 @@ class _Plan:
             g[5], true_reward, pred_reward, g[6], g[7], partials, *self.sizes,
             *self.fwd_scalars)
         self.finalize(partials, (out_kl, out_reco, out_reward), keep)
-        return [out_kl, out_reco, out_reward, keep, *(t for t in grads if t is not None)]
+        return (out_kl, out_reco, out_reward), keep, grads
 
     def backward(self, inputs: Sequence[torch.Tensor], keep: torch.Tensor,
                  grad_outputs: Sequence[Optional[torch.Tensor]],
@@ -483,8 +483,10 @@ _MODULE = sys.modules[__name__]
 
 def _forward(inputs: list[torch.Tensor], floats: list[float], ints: list[int],
              needs: list[bool]) -> list[torch.Tensor]:
-    """Launch the forward on validated inputs (see :meth:`_Plan.forward`)."""
-    return _Plan(inputs, floats, ints).forward(inputs, needs)
+    """Launch the forward on validated inputs: ``[*losses, keep, *grads]``, the gradients of the
+    inputs in ``needs`` (see :meth:`_Plan.forward`)."""
+    losses, keep, grads = _Plan(inputs, floats, ints).forward(inputs, needs)
+    return [*losses, keep, *(t for t in grads if t is not None)]
 
 
 def _forward_fake(inputs, floats, ints, needs):

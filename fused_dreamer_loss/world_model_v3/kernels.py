@@ -699,9 +699,9 @@ class _Plan:
             launch = self._launches[key] = machinery.Launch(_MODULE, name, programs, meta)
         return launch
 
-    def forward(self, inputs, needs) -> list[torch.Tensor]:
-        """``[*losses, keep, *grads]`` (losses in :func:`output_names` order), the gradients
-        made for a ``grad_output`` of 1."""
+    def forward(self, inputs, needs) -> tuple:
+        """``(losses, keep, grads)``: the losses in :func:`output_names` order, one gradient per
+        input, made for a ``grad_output`` of 1, None where ``needs`` asks for none."""
         plan = self._current(inputs)
         if plan is not self:
             return plan.forward(inputs, needs)
@@ -715,7 +715,7 @@ class _Plan:
             *self._args(self._views(inputs), grads), partials, *self.sizes, *self.scalars,
             *self.counts, *self.scales)
         self.finalize(partials, losses, keep)
-        return [*losses, keep, *(t for t in grads if t is not None)]
+        return losses, keep, grads
 
     def backward(self, inputs, keep, grad_outputs, grads, skip_if_one) -> None:
         """``factor × gradient`` into each non-None ``grads[i]``."""
@@ -736,8 +736,10 @@ _MODULE = sys.modules[__name__]
 
 def _forward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: list[int],
              needs: list[bool]) -> list[torch.Tensor]:
-    """Launch the forward on validated inputs (see :meth:`_Plan.forward`)."""
-    return _Plan(inputs, floats, ints).forward(inputs, needs)
+    """Launch the forward on validated inputs: ``[*losses, keep, *grads]``, the gradients of the
+    inputs in ``needs`` (see :meth:`_Plan.forward`)."""
+    losses, keep, grads = _Plan(inputs, floats, ints).forward(inputs, needs)
+    return [*losses, keep, *(t for t in grads if t is not None)]
 
 
 def _forward_fake(inputs, floats, ints, needs):
