@@ -79,8 +79,8 @@ def _distance(d, KIND: tl.constexpr):
         dloss = 2.0 * d
     elif KIND == 1:
         loss = tl.abs(d)
-        # sign(d) with sign(0) = 0; `d * 0.0` also carries a NaN through.
-        dloss = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d * 0.0))
+        # torch's sign(d): 0 at 0 and at NaN (|d|'s gradient there)
+        dloss = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     else:
         ad = tl.abs(d)
         loss = tl.where(ad < 1.0, 0.5 * d * d, ad - 0.5)

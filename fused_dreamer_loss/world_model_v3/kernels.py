@@ -28,8 +28,10 @@ The math per categorical (``s = softmax(l)``, q posterior, p prior; DESIGN-V3 §
               both × 1[kl_cat ≥ free] × λ / (rows · S)
 
     two-hot   lse(l) − (w_lo l_lo + w_hi l_hi)                  ∂/∂l = softmax(l) − two_hot
+              (lse shifted by the row's max, or by 0 where that max is ±inf, as torch's)
     symlog    (symlog r − symlog r̂)²                           ∂/∂r̂ = −2 d / (1 + |r̂|)
-    continue  max(l, 0) − c l + log1p(e^{−|l|})                 ∂/∂l = sigmoid(l) − c
+    continue  (1 − c) l − min(l, 0) + log1p(e^{−|l|})           ∂/∂l = sigmoid(l) − c
+              (torch's (1 − c) l − log sigmoid(l): its inf and NaN at infinite logits)
     image     e = T(x) − T'(y), e² or |e|                       ∂/∂y = −2e T'(y)' or −sign(e) T'(y)'
 """
 
@@ -217,6 +219,7 @@ def _two_hot_tile(true_ptr, logits_ptr, bins_ptr, g_logits_ptr, s_l_r, s_l_k, n_
     w_upper = (x - below) / (above - below)
     w_lower = 1.0 - w_upper
     m = tl.max(logits, axis=1)
+    m = tl.where(tl.abs(m) == float("inf"), 0.0, m)  # torch's logsumexp: inf stays inf
     e = tl.exp(logits - m[:, None])
     z = tl.sum(e, axis=1)
     at_lower = tl.sum(tl.where(is_lower, logits, 0.0), axis=1)
@@ -256,7 +259,7 @@ def _continue_tile(logit_ptr, term_ptr, g_logit_ptr, g_term_ptr, n_rows, tile, t
     mask = offs < n_rows
     logit = tl.load(logit_ptr + offs, mask=mask, other=0.0).to(ACC)
     c = (1.0 - tl.load(term_ptr + offs, mask=mask, other=0).to(ACC)) * target_scale
-    loss = tl.maximum(logit, 0.0) - c * logit + _log1p(tl.exp(-tl.abs(logit)))
+    loss = (1.0 - c) * logit - tl.minimum(logit, 0.0) + _log1p(tl.exp(-tl.abs(logit)))
     if GRAD_LOGIT:
         store(g_logit_ptr + offs, (tl.sigmoid(logit) - c) * scale, mask)
     if GRAD_TERM:
@@ -287,7 +290,7 @@ def _image_tile(x_ptr, y_ptr, g_x_ptr, g_y_ptr, n, tile, pixels_scale, pixels_of
     e = tl.where(mask, x - y, 0.0)
     if L1:
         loss = tl.abs(e)
-        de = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, e * 0.0))
+        de = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))  # torch's sign: 0 at NaN
     else:
         loss = e * e
         de = 2.0 * e
