@@ -240,10 +240,13 @@ class FusedDreamerModelLoss(TensorKeysMixin, LossModuleBase):
         tensordict.rename_key_(reward_key, true_reward_key)
 
         tensordict = self.world_model(tensordict)
-        written = "world model's output"
         names = ("prior_mean", "prior_std", "posterior_mean", "posterior_std", "pixels",
                  "reco_pixels", "true_reward", "reward")
-        tensors = [self._next(tensordict, name, written) for name in names]
+        written, keys = tensordict.get("next", None), self._tensor_keys
+        tensors = ([written.get(getattr(keys, name), None) for name in names]
+                   if isinstance(written, TensorDictBase) else [None])
+        if any(t is None for t in tensors):  # the KeyError that names the missing key
+            tensors = [self._next(tensordict, name, "world model's output") for name in names]
         losses = dreamer_model_loss(
             *tensors, lambda_kl=self.lambda_kl, lambda_reco=self.lambda_reco,
             lambda_reward=self.lambda_reward, reco_loss=self.reco_loss,
@@ -260,4 +263,4 @@ class FusedDreamerModelLoss(TensorKeysMixin, LossModuleBase):
             batch_size=[],
         )
         self._clear_refs(tensordict, out)
-        return out, tensordict.data
+        return out, tensordict.detach()

@@ -16,7 +16,8 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey, unravel_key
 
-from ..core.torchrl_module import LossModuleBase, TensorKeysMixin, cast_to, torchrl_dtypes
+from ..core.torchrl_module import (LossModuleBase, TensorKeysMixin, _autocast_state, cast_to,
+                                  torchrl_dtypes)
 from ..core.validation import check_backend
 from .functional import dreamer_v3_model_loss
 from .reference import default_reward_bins, symlog
@@ -328,6 +329,8 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
         self.pixels_scale = pixels_scale
         self.pixels_offset = pixels_offset
         self.register_buffer("reward_bins", bins)
+        #: The losses' torchrl dtypes by input dtypes, options and autocast state.
+        self._dtypes: dict = {}
         self._tensor_keys = self._AcceptedKeys()
         self.in_keys = list(getattr(world_model, "in_keys", []))
         self.out_keys = ["loss_model_reco", "loss_model_reward", *KL_NAMES[kl_mode],
@@ -417,7 +420,24 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
 
     def _torchrl_dtypes(self, posterior, prior, targets, predictions, symlogs, true_reward,
                         reward_pred, continue_pred) -> dict[str, torch.dtype | None]:
-        """The dtype of each loss as torchrl's module would return it (see ``torchrl_dtypes``)."""
+        """The dtype of each loss as torchrl's module would return it (see ``torchrl_dtypes``),
+        worked out once per input dtypes, options and autocast state."""
+        tensors = (posterior, prior, *targets, *predictions, true_reward, reward_pred,
+                   continue_pred)
+        key = None if torch.compiler.is_compiling() else (
+            tuple(None if t is None else t.dtype for t in tensors), tuple(symlogs),
+            posterior.device.type, _autocast_state(posterior.device.type), self.reco_loss,
+            self.global_average, self.reward_two_hot, self.kl_mode)
+        dtypes = self._dtypes.get(key) if key is not None else None
+        if dtypes is None:
+            dtypes = self._probe_dtypes(posterior, prior, targets, predictions, symlogs,
+                                        true_reward, reward_pred, continue_pred)
+            if key is not None:
+                self._dtypes[key] = dtypes
+        return dtypes
+
+    def _probe_dtypes(self, posterior, prior, targets, predictions, symlogs, true_reward,
+                      reward_pred, continue_pred) -> dict[str, torch.dtype | None]:
         def one(chain, tensors, *params):
             found = torchrl_dtypes(chain, tuple(t.dtype for t in tensors), posterior.device,
                                    params)
@@ -437,8 +457,10 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
     def forward(self, tensordict: TensorDictBase) -> tuple[TensorDict, TensorDictBase]:
         """Run the world model on a shallow copy of ``tensordict`` and compute the losses."""
         keys = self._tensor_keys
-        # New containers for every nested level, no tensor copied: renaming does not touch the input
-        tensordict = tensordict.select(*tensordict.keys(True, True))
+        # New containers for every nested level, no tensor copied: renaming does not touch the
+        # input (under torch.compile a shallow copy can keep the input's nested containers)
+        tensordict = (tensordict.select(*tensordict.keys(True, True))
+                      if torch.compiler.is_compiling() else tensordict.copy())
         self._next(tensordict, "reward", "input tensordict")
         tensordict.rename_key_(unravel_key(("next", keys.reward)),
                                unravel_key(("next", keys.true_reward)))
@@ -476,7 +498,7 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
         out = TensorDict({name: cast_to(loss, dtypes.get(name)).unsqueeze(-1)
                           for name, loss in losses.items()}, batch_size=[])
         self._clear_refs(tensordict, out)
-        return out, tensordict.data if self.detach_output else tensordict
+        return out, tensordict.detach() if self.detach_output else tensordict
 
 
 def _rows_per_tensordict_row(logits: torch.Tensor, tensordict: TensorDictBase,
