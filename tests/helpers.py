@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.utils._python_dispatch
 
@@ -59,3 +60,13 @@ class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
                                    torch.ops.aten.clone, torch.ops.aten.contiguous):
             self.numels.append(out.numel())
         return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and does not spin against other processes.
+    A test module that imports it runs on one thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

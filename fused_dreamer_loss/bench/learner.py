@@ -220,8 +220,8 @@ def make_learner(preset: str, options: Mapping, impl: str, device: str | torch.d
     ).to(device)
     env = DreamerEnv(imagination, prior_shape=(state_dim,), belief_shape=(net.belief,),
                      device=device)
-    env.observation_spec = Composite(state=Unbounded(state_dim), belief=Unbounded(net.belief),
-                                     device=device)
+    env.observation_spec = Composite(state=Unbounded(state_dim, device=device),
+                                     belief=Unbounded(net.belief, device=device), device=device)
     env.state_spec = env.observation_spec.clone()
     env.action_spec = Bounded(-1, 1, (net.action,), device=device)
     env.reward_spec = Unbounded((1,), device=device)

@@ -42,6 +42,7 @@ import pytest
 import torch
 
 from fused_dreamer_loss import V3_CONVENTIONS, dreamer_v3_model_loss
+from tests.helpers import one_thread  # noqa: F401 (autouse: this module runs on one thread)
 
 pytest.importorskip("torchrl")
 from fused_dreamer_loss.bench.learner import make_learner, make_sample, make_stepper  # noqa: E402
@@ -72,15 +73,6 @@ LOSS_RTOL, LOSS_ATOL = 5e-6, 1e-8
 # above that, and far below the LR-sized differences of a loss that is wrong. PARAM_RTOL covers
 # the rounding of the parameter itself (a few ulps of its value).
 PARAM_RTOL, PARAM_ATOL = 1e-6, 1e-3 * LR
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and does not spin against other processes."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def train(impl: str, convention: str, compiled: bool, **options):
