@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Everything the README's results come from, in one call of under 10 minutes on an H100: the test
 # suite with the compiled kernels (V1 and V3), then the benchmarks, most important first: the V3
-# and V1 tables timed as CUDA-graph replays, the same launched from Python (forward-only rows too),
-# the train-step workloads (V1, then V3), per-kernel times and the tile sweep. Each step has a
-# timeout, and all of them together stay within BUDGET_S seconds (default 560): a step that would
-# start too late is reported as not run. JSON, Markdown, PNG and logs go to the folder given as first argument
-# (default $OUT if set, else bench/results), named after the device.
+# tables timed as CUDA-graph replays; torchrl's DreamerV3 learner as torchrl's defaults run it
+# (compiled, CUDA-graph captured) with its world-model loss and ours; the host time of the loss
+# calls; the V1 graph tables; the tables launched from Python (forward-only rows too); the
+# train-step workloads (V1, then V3); the learner eager and compiled; per-kernel times and the tile
+# sweep. Each step has a timeout, and all of them together stay within BUDGET_S seconds (default
+# 560): a step that would start too late is reported as not run. JSON, Markdown, PNG and logs go to
+# the folder given as first argument (default $OUT if set, else bench/results), named after the
+# device.
 #
 #   bash bench/run_gpu_all.sh [FOLDER]             # from anywhere in the checkout
 #   bash bench/run_gpu_all.sh --dry-run [FOLDER]   # print the commands, run nothing
@@ -86,6 +89,11 @@ all=(--dtype float32 bfloat16 --impl fused eager compiled torchrl)
 v3=(--loss v3 --preset v3 v3-r2 v3-large)
 v1=(--preset small default large)
 bench bench-v3-graph 120 "${v3[@]}" "${all[@]}" --cuda-graph --mode fwd+bwd
+# torchrl's DreamerV3 learner as torchrl's defaults run it on CUDA (compiled, CUDA-graph captured),
+# with its world-model loss and ours; then the host time of a loss call.
+learner=(--workload learner --loss v3 --preset v3 --dtype float32 --impl torchrl fused)
+bench learner-graph 180 "${learner[@]}" --cuda-graph
+bench host 60 --workload host
 bench bench-graph 120 "${v1[@]}" "${all[@]}" --cuda-graph --mode fwd+bwd
 bench bench-v3 120 "${v3[@]}" "${all[@]}"
 bench bench 120 "${v1[@]}" "${all[@]}"
@@ -93,6 +101,7 @@ bench train-step 60 --workload train-step --preset small default --dtype float32
   --impl fused eager
 bench train-step-v3 90 --workload train-step --loss v3 --preset v3 --dtype float32 bfloat16 \
   --impl fused eager torchrl
+bench learner 180 "${learner[@]}"
 for preset in small default large; do
   for dtype in float32 bfloat16; do
     step 20 "kernel-times-$dev.txt" python3 bench/kernel_times.py "$preset" "$dtype"

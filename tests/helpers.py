@@ -89,3 +89,13 @@ def assert_same_state(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
     assert list(ours.state_dict()) == list(theirs.state_dict())
     for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and does not spin against other processes.
+    A test module that imports it runs on one thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

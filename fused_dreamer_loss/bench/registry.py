@@ -52,6 +52,13 @@ class Workload:
     help: str
 
 
+def _learner_rows(run: Run) -> list[Row]:
+    # Imported when run: ``python -m fused_dreamer_loss.bench.learner`` runs that module as
+    # __main__, which the package must not have imported before.
+    from .learner import learner_rows
+    return learner_rows(run)
+
+
 def _settle_v1(args: argparse.Namespace) -> str | None:
     if args.convention:
         return "--convention: options of the DreamerV3 loss, for --loss v3"
@@ -105,4 +112,12 @@ WORKLOADS: dict[str, Workload] = {
              "(fused_dreamer_loss.bench.host). On a CPU the kernels are compiled for sm_90 and "
              "every launch goes through Triton's dispatch with only the driver's launch stubbed; "
              "on a GPU they launch, and each step is also timed as a CUDA-graph replay"),
+    "learner": Workload(
+        _learner_rows,
+        help="one update of torchrl's DreamerV3 learner (DreamerV3Loss and "
+             "DreamerV3OptimizationStepper; --loss v3) with torchrl's world-model loss "
+             "(torchrl) or FusedDreamerV3ModelLoss (fused: backend triton; eager: backend "
+             "torch): eager and compiled, or compiled and captured in a CUDA graph with "
+             "--cuda-graph (torchrl's defaults on CUDA); time, launches and host syncs per "
+             "update, and the world-model loss's share of them"),
 }

@@ -106,12 +106,13 @@ def test_gpu_script_runs_every_step_and_reports_the_failed_ones(tmp_path):
                                 "train-step --loss v3")
     assert all(line.endswith(": exit status 3") for line in failed)
     assert "ran: -m pytest" in proc.stdout and "| table row |" not in proc.stdout
-    assert proc.stdout.count("| table ") == 4  # the loss benchmarks' Markdown tables
+    assert proc.stdout.count("| table ") == 7  # the loss, learner and host benchmarks' tables
     kernel_times = (folder / "kernel-times-Fake-GPU.txt").read_text()
     assert kernel_times.count("ran: bench/kernel_times.py") == 6
     assert kernel_times.count("| table row |") == 6
     assert {p.name for p in folder.glob("*.md")} == {
-        f"{name}-Fake-GPU.md" for name in ("bench-v3-graph", "bench-graph", "bench-v3", "bench")}
+        f"{name}-Fake-GPU.md" for name in ("bench-v3-graph", "learner-graph", "host", "bench-graph",
+                                           "bench-v3", "bench", "learner")}
     assert (folder / "tests-Fake-GPU.log").read_text().startswith("ran: -m pytest")
 
 
@@ -123,5 +124,5 @@ def test_gpu_script_stops_starting_steps_when_the_budget_is_spent(tmp_path):
     assert proc.returncode == 1
     assert sorted(p.name for p in folder.iterdir()) == ["setup-Fake-GPU.log", "tests-Fake-GPU.log"]
     failed = proc.stderr.splitlines()
-    assert len(failed) == 6 + 6 + 1  # the benchmark runs, the kernel times, the sweep
+    assert len(failed) == 9 + 6 + 1  # the benchmark runs, the kernel times, the sweep
     assert all(line.endswith("s of the 21 s budget spent") for line in failed)

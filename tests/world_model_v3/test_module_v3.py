@@ -28,6 +28,7 @@ import fused_dreamer_loss.module_v3
 from fused_dreamer_loss import FusedDreamerV3ModelLoss
 from fused_dreamer_loss.reference_v3 import categorical_kl_terms, symexp
 from tests.helpers import assert_same_state, assert_torchrl_loss_module_api
+from tests.helpers import one_thread  # noqa: F401 (autouse: this module runs on one thread)
 
 try:
     from torchrl.modules import (DreamerV3ImageDecoder, DreamerV3ImageEncoder, DreamerV3MLP,
@@ -44,15 +45,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 BACKENDS = ["torch", "triton"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and does not spin against other processes."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 # ---- torchrl's DreamerV3 world model -------------------------------------------------------------

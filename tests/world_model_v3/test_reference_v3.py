@@ -19,19 +19,10 @@ import fused_dreamer_loss.functional_v3
 import fused_dreamer_loss.reference_v3
 from fused_dreamer_loss import V3_CONVENTIONS, dreamer_v3_model_loss
 from fused_dreamer_loss import reference_v3 as ref
+from tests.helpers import one_thread  # noqa: F401 (autouse: this module runs on one thread)
 
 # (batch dims, S, K) in the cases that cycle through shapes: 1-3 batch dims, K in {4, 16, 32}.
 LATENT_SHAPES = [((5,), 3, 4), ((2, 3), 4, 16), ((2, 1, 3), 2, 32)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread runs them several times faster than a pool
-    contending for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
