@@ -502,6 +502,10 @@ class FusedDreamerV3ValueLoss(DreamerV3ValueLoss):
         _check_keys(kwargs)
         super().set_keys(**kwargs)
 
+    def _bins(self) -> torch.Tensor | None:
+        """The ``value_bins`` buffer, for the two-hot loss."""
+        return self.value_bins if self.value_loss == "two_hot" else None
+
     def _run_critic(self, data: TensorDictBase, params) -> TensorDictBase:
         """The critic's outputs on ``data`` with ``params`` (online or target parameters)."""
         values = data.select(*self.value_model.in_keys, strict=False)
@@ -557,7 +561,7 @@ class FusedDreamerV3ValueLoss(DreamerV3ValueLoss):
         slow_value = None if slow is None else slow.get(keys.value)
         losses = dreamer_v3_value_loss(
             prediction, returns, weights, value_loss=self.value_loss,
-            value_bins=self.value_bins, slow_value=slow_value,
+            value_bins=self._bins(), slow_value=slow_value,
             slow_critic_regularization=self.slow_critic_regularization,
             reduction=self.reduction, backend=self.backend)
         dtypes = torchrl_dtypes(
@@ -587,7 +591,7 @@ class FusedDreamerV3ValueLoss(DreamerV3ValueLoss):
         slow = self._slow_critic(tensordict)
         loss = replay_value_loss(
             prediction, reward, done, terminated, bootstrap, horizon=horizon, lmbda=lmbda,
-            value_loss=self.value_loss, value_bins=self.value_bins,
+            value_loss=self.value_loss, value_bins=self._bins(),
             slow_value=None if slow is None else slow.get(keys.value),
             slow_critic_regularization=self.slow_critic_regularization,
             reduction=self.reduction, backend=self.backend)
