@@ -55,11 +55,13 @@ def _check_keys(kwargs: dict) -> None:
 
 
 def _to_trailing_dim(tensor: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
-    """``tensor`` with ``like``'s number of dims, as torchrl aligns a per-action log-probability
-    or entropy with the ``[*B, H, 1]`` returns: summed over a trailing action dim, or given a
-    trailing singleton dim."""
+    """``tensor`` as ``[*B, H, 1]``, the policy's log-probability or entropy as torchrl aligns it
+    with the ``[*B, H, 1]`` returns: given a trailing singleton dim, or summed over a trailing
+    action dim; one with the returns' number of dims but a wider last dim (a per-action-dim
+    distribution without ``Independent``) torchrl broadcasts against the ``[*B, H, 1]`` terms
+    before its mean: its mean over that dim."""
     if tensor.ndim == like.ndim:
-        return tensor
+        return tensor if tensor.shape[-1] == 1 else tensor.mean(-1, keepdim=True)
     if tensor.ndim == like.ndim - 1:
         return tensor.unsqueeze(-1)
     if tensor.ndim == like.ndim + 1:

@@ -121,14 +121,18 @@ def imagination_env(action_dim: int, discrete: bool) -> DreamerEnv:
     return env
 
 
-def policy(discrete: bool):
-    if discrete:
+def policy(kind: str):
+    """``"categorical"`` (torchrl's DreamerV3 discrete actor), ``"tanh_normal"`` (no analytic
+    entropy: torchrl's one-sample estimate) or ``"normal"`` (a per-action-dim log-probability and
+    entropy, which torchrl sums over the action dim)."""
+    if kind == "categorical":
         return DreamerV3DiscreteActor(FEATURES, CATEGORIES, depth=1, num_cells=HIDDEN)
+    distribution = TanhNormal if kind == "tanh_normal" else torch.distributions.Normal
     return ProbabilisticTensorDictSequential(
         TensorDictModule(Features(2 * ACTIONS), in_keys=["state", "belief"], out_keys=["params"]),
         TensorDictModule(NormalParamExtractor(), in_keys=["params"], out_keys=["loc", "scale"]),
         ProbabilisticTensorDictModule(in_keys=["loc", "scale"], out_keys=["action"],
-                                      distribution_class=TanhNormal, return_log_prob=True))
+                                      distribution_class=distribution, return_log_prob=True))
 
 
 @dataclasses.dataclass
@@ -143,11 +147,12 @@ class Networks:
                 for p in m.parameters()]
 
 
-def networks(discrete=False, two_hot=True, dtype=F64, seed=0, continuation_key="continuation",
+def networks(kind="tanh_normal", two_hot=True, dtype=F64, seed=0, continuation_key="continuation",
              **critic_keys) -> Networks:
     torch.manual_seed(seed)
+    discrete = kind == "categorical"
     nets = Networks(
-        imagination_env(CATEGORIES if discrete else ACTIONS, discrete), policy(discrete),
+        imagination_env(CATEGORIES if discrete else ACTIONS, discrete), policy(kind),
         critic(two_hot, **critic_keys),
         TensorDictModule(Features(1, scale=3.0, sigmoid=True), in_keys=["state", "belief"],
                          out_keys=[continuation_key]))
@@ -220,12 +225,12 @@ def compare_actor(theirs, ours, nets, data, what, *, steps=2, **tol):
 
 @pytest.mark.parametrize("continuation", [True, False], ids=["continuation", "no_continuation"])
 @pytest.mark.parametrize("use_reinforce", [False, True], ids=["backprop", "reinforce"])
-@pytest.mark.parametrize("discrete", [False, True], ids=["tanh_normal", "categorical"])
-def test_actor_matches_torchrl(discrete, use_reinforce, continuation):
+@pytest.mark.parametrize("kind", ["tanh_normal", "categorical", "normal"])
+def test_actor_matches_torchrl(kind, use_reinforce, continuation):
     """Two training calls (the EMA moves), values and every parameter's gradient."""
-    nets = networks(discrete)
+    nets = networks(kind)
     theirs, ours = actor_pair(nets, continuation=continuation, use_reinforce=use_reinforce)
-    compare_actor(theirs, ours, nets, starts(), f"{discrete=}, {use_reinforce=}")
+    compare_actor(theirs, ours, nets, starts(), f"{kind}, {use_reinforce=}")
 
 
 @pytest.mark.parametrize("options", [
