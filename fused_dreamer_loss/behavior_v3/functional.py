@@ -17,11 +17,13 @@ from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import (
     ActorOptions,
+    BehaviorOptions,
     CriticOptions,
     ReplayOptions,
     ReturnOptions,
     ScaleOptions,
     validate_actor,
+    validate_behavior,
     validate_critic,
     validate_replay,
     validate_returns,
@@ -331,3 +333,120 @@ def replay_value_loss(
     return reference.replay_value_loss(value_pred, reward, done, terminated, bootstrap,
                                        slow_value, replay, opts, shapes.steps,
                                        shapes.slow_logits, shapes.dtype)
+
+
+def dreamer_v3_behavior_loss(
+    reward: torch.Tensor,
+    next_value: torch.Tensor,
+    value_pred: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    continuation: torch.Tensor | None = None,
+    root_continuation: torch.Tensor | None = None,
+    *,
+    baseline: torch.Tensor | None = None,
+    log_prob: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    slow_value: torch.Tensor | None = None,
+    replay_value_pred: torch.Tensor | None = None,
+    replay_reward: torch.Tensor | None = None,
+    replay_done: torch.Tensor | None = None,
+    replay_terminated: torch.Tensor | None = None,
+    replay_slow_value: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lmbda: float = 0.95,
+    discount_loss: bool = True,
+    discount_weights: str = "inclusive",
+    return_normalization: bool = True,
+    quantiles: tuple[float, float] = (0.05, 0.95),
+    rate: float = 0.01,
+    min_scale: float = 1.0,
+    update: bool = True,
+    process_group=None,
+    entropy_bonus: float = 3e-4,
+    use_reinforce: bool = False,
+    normalize_advantage: bool = True,
+    weight_entropy: bool = True,
+    value_loss: str = "symlog_mse",
+    value_bins: torch.Tensor | Sequence[float] | None = None,
+    slow_critic_regularization: float = 0.0,
+    two_hot_space: str = "raw",
+    replay_value_weight: float = 0.0,
+    horizon: float = 333.0,
+    replay_lmbda: float = 0.95,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """The whole DreamerV3 behaviour objective after the networks, from one imagined rollout: the
+    λ-returns and weights, the return normalisation, the actor, the critic and (with
+    ``replay_value_weight > 0``) the replay value, as torchrl's ``DreamerV3Loss`` composes
+    ``DreamerV3ActorLoss``, ``DreamerV3ValueLoss`` and ``replay_value_loss``. The fused backend
+    runs it in four launches forward and backward (see :mod:`.kernels`);
+    :data:`BEHAVIOR_CONVENTIONS` holds the options of each codebase.
+
+    Args:
+        reward, next_value, continuation, root_continuation: the rollout, as
+            :func:`lambda_returns`; with the reparameterised actor (``use_reinforce=False``) the
+            actor loss is differentiable with respect to the first three.
+        value_pred: the critic on each step's root state: logits ``[*B, H, R]`` (``"two_hot"``)
+            or values ``[*B, H, 1]``.
+        low, high: the return statistics (one-element buffers), updated in place when
+            ``return_normalization`` and ``update``.
+        baseline, log_prob, entropy: as :func:`dreamer_v3_actor_loss`.
+        slow_value: as :func:`dreamer_v3_value_loss`.
+        replay_value_pred, replay_reward, replay_done, replay_terminated, replay_slow_value: the
+            replay batch ``[B', T, ·]`` whose states started the imagination (``B'·T`` starts, in
+            order): as :func:`replay_value_loss`, bootstrapped from the first return of each
+            start; needed when ``replay_value_weight > 0``.
+        gamma, lmbda, discount_loss, discount_weights: as :func:`lambda_returns`.
+        return_normalization: divide by the return scale (off: the scale is 1, no update).
+        quantiles, rate, min_scale, update, process_group: as :func:`return_scale`.
+        entropy_bonus, use_reinforce, normalize_advantage, weight_entropy: as
+            :func:`dreamer_v3_actor_loss`.
+        value_loss, value_bins, slow_critic_regularization, two_hot_space: as
+            :func:`dreamer_v3_value_loss` (reduced by the mean, as torchrl's default).
+        replay_value_weight: torchrl's ``replay_value_loss_weight`` (its ``DreamerV3Loss``
+            default is 0.3); 0 skips the replay term.
+        horizon, replay_lmbda: the replay return's discount horizon and λ.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``loss_actor``, ``actor_entropy``, ``loss_value``, ``value_slow_loss`` (as the two
+        losses), ``loss_replay_value`` (weighted; with the replay term), and the detached
+        ``lambda_target`` and ``discount_weight`` (``[*B, H, 1]``) and ``return_scale`` (0-dim).
+
+    Example:
+        >>> import torch
+        >>> from fused_dreamer_loss.behavior_v3 import BEHAVIOR_CONVENTIONS, dreamer_v3_behavior_loss
+        >>> N, H, R = 8, 15, 255
+        >>> reward, value = torch.randn(N, H, 1), torch.randn(N, H, 1)
+        >>> cont = torch.full((N, H, 1), 0.997)
+        >>> logits = torch.randn(N, H, R, requires_grad=True)
+        >>> log_prob = -torch.rand(N, H, 1, requires_grad=True)
+        >>> low, high = torch.zeros(1), torch.zeros(1)
+        >>> losses = dreamer_v3_behavior_loss(
+        ...     reward, value, logits, low, high, cont, cont, baseline=value, log_prob=log_prob,
+        ...     entropy=torch.ones(N, H, 1), slow_value=torch.randn(N, H, 1),
+        ...     **{**BEHAVIOR_CONVENTIONS["dreamerv3-2024"], "replay_value_weight": 0.0},
+        ...     backend="torch")
+        >>> sorted(k for k in losses if k.startswith("loss_"))
+        ['loss_actor', 'loss_value']
+        >>> (losses["loss_actor"] + losses["loss_value"]).backward()
+        >>> logits.grad.shape
+        torch.Size([8, 15, 255])
+    """
+    opts = BehaviorOptions(
+        ReturnOptions(gamma, lmbda, discount_loss, discount_weights),
+        ScaleOptions(tuple(quantiles) if isinstance(quantiles, list) else quantiles, rate,
+                     min_scale, update),
+        ActorOptions(entropy_bonus, use_reinforce, normalize_advantage, weight_entropy),
+        CriticOptions(value_loss, slow_critic_regularization, "mean", two_hot_space, value_bins),
+        ReplayOptions(horizon, replay_lmbda),
+        return_normalization, replay_value_weight)
+    replay = (replay_value_pred, replay_reward, replay_done, replay_terminated, replay_slow_value)
+    shapes = validate_behavior(reward, next_value, continuation, root_continuation, value_pred,
+                               low, high, baseline, log_prob, entropy, slow_value, replay, opts)
+    _fused(backend, (reward, next_value, continuation, root_continuation, value_pred, baseline,
+                     log_prob, entropy, slow_value, *replay))
+    return reference.behavior_loss(reward, next_value, continuation, root_continuation,
+                                   value_pred, low, high, baseline, log_prob, entropy, slow_value,
+                                   replay, opts, shapes, process_group)
