@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.dispatch import resolve_backend
+from ..core.dispatch import require_triton, resolve_backend
 from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import (
@@ -32,13 +32,23 @@ from .validation import (
 
 
 def _fused(backend: str, tensors: Sequence[torch.Tensor | None]) -> bool:
-    """Whether the fused kernels run this call (see :func:`core.dispatch.resolve_backend`)."""
+    """Whether the fused kernels run this call (see :func:`core.dispatch.resolve_backend`);
+    ``meta`` tensors and those of ``torch.func`` transforms take the reference."""
     check_backend(backend)
     present = [t for t in tensors if t is not None]
-    if backend != "triton" or not kernels_can_take(present):
-        return False
-    resolve_backend(backend, present[0].device)
-    raise RuntimeError("the fused behaviour kernels are not built yet: use backend='torch'")
+    return kernels_can_take(present) and resolve_backend(backend, present[0].device) != "torch"
+
+
+def _kernels():
+    """The fused behaviour kernel module (importing triton), or a RuntimeError saying why it
+    cannot run."""
+    require_triton()
+    from . import kernels
+    return kernels
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def lambda_returns(
@@ -94,7 +104,9 @@ def lambda_returns(
     """
     opts = ReturnOptions(gamma, lmbda, discount_loss, discount_weights)
     shapes = validate_returns(reward, next_value, continuation, root_continuation)
-    _fused(backend, (reward, next_value, continuation, root_continuation))
+    if _fused(backend, (reward, next_value, continuation, root_continuation)):
+        return _kernels().fused_lambda_returns(reward, next_value, continuation,
+                                               root_continuation, opts, shapes)
     returns = reference.lambda_returns(reward, next_value, continuation, opts, shapes.dtype)
     weights = reference.discount_weights(root_continuation, shapes.steps, opts, shapes.dtype,
                                          reward.device)
@@ -149,7 +161,8 @@ def return_scale(
     opts = ScaleOptions(tuple(quantiles) if isinstance(quantiles, list) else quantiles, rate,
                         min_scale, update)
     validate_scale(returns, low, high)
-    _fused(backend, (returns, low, high))
+    if _fused(backend, (returns, low, high)):
+        return _kernels().fused_return_scale(returns, low, high, opts, process_group)
     return reference.return_scale(returns, low, high, opts, process_group)
 
 
@@ -208,7 +221,11 @@ def dreamer_v3_actor_loss(
     """
     opts = ActorOptions(entropy_bonus, use_reinforce, normalize_advantage, weight_entropy)
     shapes = validate_actor(returns, weights, scale, baseline, log_prob, entropy, opts)
-    _fused(backend, (returns, weights, scale, baseline, log_prob, entropy))
+    if _fused(backend, (returns, weights, scale, baseline, log_prob, entropy)):
+        k = _kernels()
+        return k.fused_terms(k.TermsOptions(actor=opts), k.TermsShapes(actor_dtype=shapes.dtype),
+                             **_actor_tensors(opts, returns, weights, scale, baseline, log_prob,
+                                              entropy))
     return reference.actor_loss(returns, weights, scale, baseline, log_prob, entropy, opts,
                                 shapes.dtype)
 
@@ -268,7 +285,13 @@ def dreamer_v3_value_loss(
     opts = CriticOptions(value_loss, slow_critic_regularization, reduction, two_hot_space,
                          value_bins)
     shapes = validate_critic(value_pred, returns, weights, slow_value, opts)
-    _fused(backend, (value_pred, returns, weights, slow_value))
+    if opts.reduction != "none" and _fused(backend, (value_pred, returns, weights, slow_value)):
+        k = _kernels()
+        return k.fused_terms(
+            k.TermsOptions(critic=opts, imagined=True),
+            k.TermsShapes(critic_dtype=shapes.dtype, slow_logits=shapes.slow_logits),
+            returns=returns.detach(), weights=_detach(weights), value_pred=value_pred,
+            slow_value=_detach(slow_value) if opts.has_slow else None)
     return reference.value_loss(value_pred, returns, weights, slow_value, opts,
                                 shapes.slow_logits, shapes.dtype)
 
@@ -329,7 +352,14 @@ def replay_value_loss(
     opts = CriticOptions(value_loss, slow_critic_regularization, reduction, two_hot_space,
                          value_bins)
     shapes = validate_replay(value_pred, reward, done, terminated, bootstrap, slow_value, opts)
-    _fused(backend, (value_pred, reward, bootstrap, slow_value))
+    if opts.reduction != "none" and _fused(backend, (value_pred, reward, bootstrap, slow_value)):
+        k = _kernels()
+        return k.fused_terms(
+            k.TermsOptions(critic=opts, replay=replay),
+            k.TermsShapes(replay_dtype=shapes.dtype, replay_slow_logits=shapes.slow_logits,
+                          replay_steps=shapes.steps),
+            **_replay_tensors(opts, value_pred, reward, done, terminated, bootstrap,
+                              slow_value))["loss_replay_value"]
     return reference.replay_value_loss(value_pred, reward, done, terminated, bootstrap,
                                        slow_value, replay, opts, shapes.steps,
                                        shapes.slow_logits, shapes.dtype)
@@ -445,8 +475,68 @@ def dreamer_v3_behavior_loss(
     replay = (replay_value_pred, replay_reward, replay_done, replay_terminated, replay_slow_value)
     shapes = validate_behavior(reward, next_value, continuation, root_continuation, value_pred,
                                low, high, baseline, log_prob, entropy, slow_value, replay, opts)
-    _fused(backend, (reward, next_value, continuation, root_continuation, value_pred, baseline,
-                     log_prob, entropy, slow_value, *replay))
+    if _fused(backend, (reward, next_value, continuation, root_continuation, value_pred,
+                        baseline, log_prob, entropy, slow_value, *replay)):
+        return _fused_behavior(reward, next_value, continuation, root_continuation, value_pred,
+                               low, high, baseline, log_prob, entropy, slow_value, replay, opts,
+                               shapes, process_group)
     return reference.behavior_loss(reward, next_value, continuation, root_continuation,
                                    value_pred, low, high, baseline, log_prob, entropy, slow_value,
                                    replay, opts, shapes, process_group)
+
+
+def _actor_tensors(opts: ActorOptions, returns, weights, scale, baseline, log_prob,
+                   entropy) -> dict:
+    """The actor's inputs of the fused terms: what its estimator reads, stopped where the
+    reference stops the gradient."""
+    reinforce = opts.use_reinforce
+    return dict(returns=returns.detach() if reinforce else returns, weights=weights.detach(),
+                scale=scale.detach(), baseline=_detach(baseline) if reinforce else baseline,
+                log_prob=log_prob if reinforce else None,
+                entropy=entropy if opts.has_entropy else None)
+
+
+def _replay_tensors(opts: CriticOptions, value_pred, reward, done, terminated, bootstrap,
+                    slow_value) -> dict:
+    return dict(replay_pred=value_pred, replay_reward=reward.detach(), replay_done=done,
+                replay_terminated=terminated, bootstrap=bootstrap.detach(),
+                replay_slow=_detach(slow_value) if opts.has_slow else None)
+
+
+def _fused_behavior(reward, next_value, continuation, root_continuation, value_pred, low, high,
+                    baseline, log_prob, entropy, slow_value, replay, opts: BehaviorOptions,
+                    shapes, process_group) -> dict[str, torch.Tensor]:
+    """:func:`dreamer_v3_behavior_loss` on the fused kernels: the returns kernel (returns,
+    weights, quantiles, EMA, scale), then the terms kernels."""
+    k = _kernels()
+    rollout = [t.detach() if t is not None else None
+               for t in (reward, next_value, continuation, root_continuation)]
+    scale_opts = opts.scale if opts.return_normalization else None
+    gather = process_group is not None and scale_opts is not None and scale_opts.update
+    outs = k.launch_returns(*rollout, None, low, high, opts.returns, scale_opts, grid=gather)
+    returns, weights = outs[0], outs[1]
+    scale = (k.fused_return_scale(returns, low, high, scale_opts, process_group) if gather
+             else outs[2])
+    tensors = _actor_tensors(opts.actor, returns, weights, scale, baseline, log_prob, entropy)
+    if not opts.actor.use_reinforce:  # the reparameterised actor's gradient runs through R
+        tensors.update(reward=reward, next_value=next_value, continuation=continuation)
+    tensors.update(value_pred=value_pred,
+                   slow_value=_detach(slow_value) if opts.critic.has_slow else None)
+    replay_steps = None
+    if opts.has_replay:
+        replay_steps = shapes.replay.steps
+        pred, r, d, term, slow = replay
+        tensors.update(_replay_tensors(opts.critic, pred, r, d, term,
+                                       returns[..., 0, 0].reshape(replay_steps), slow))
+    losses = k.fused_terms(
+        k.TermsOptions(actor=opts.actor, critic=opts.critic, imagined=True,
+                       replay=opts.replay if opts.has_replay else None, returns=opts.returns,
+                       replay_weight=opts.replay_value_weight),
+        k.TermsShapes(actor_dtype=shapes.actor.dtype, critic_dtype=shapes.critic.dtype,
+                      replay_dtype=shapes.replay.dtype if opts.has_replay else None,
+                      slow_logits=shapes.critic.slow_logits,
+                      replay_slow_logits=opts.has_replay and shapes.replay.slow_logits,
+                      replay_steps=replay_steps),
+        **tensors)
+    losses.update(lambda_target=returns, discount_weight=weights, return_scale=scale)
+    return losses

@@ -290,10 +290,17 @@ def validate_scale(returns, low, high) -> torch.dtype:
                              f"shape {tuple(t.shape)}")
         if t.requires_grad:
             raise ValueError(f"{name} requires grad; it is a running statistic, updated in place")
-    if low.dtype != high.dtype:
-        raise TypeError(f"low and high must have one dtype, got {low.dtype} and {high.dtype}")
+    _check_buffer_dtypes(low, high)
     check_device([("returns", returns), ("low", low), ("high", high)])
     return low.dtype
+
+
+def _check_buffer_dtypes(low: torch.Tensor, high: torch.Tensor) -> None:
+    if low.dtype != high.dtype:
+        raise TypeError(f"low and high must have one dtype, got {low.dtype} and {high.dtype}")
+    if low.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"low and high must be float32 or float64 (torch.quantile's dtypes), "
+                        f"got {low.dtype}")
 
 
 @dataclass(frozen=True)
@@ -495,8 +502,7 @@ def validate_behavior(reward, next_value, continuation, root_continuation, value
         if t.numel() != 1 or t.requires_grad or t.device != device:
             raise ValueError(f"{name} must be a one-element buffer without grad on the inputs' "
                              f"device ({device}), got shape {tuple(t.shape)} on {t.device}")
-    if low.dtype != high.dtype:
-        raise TypeError(f"low and high must have one dtype, got {low.dtype} and {high.dtype}")
+    _check_buffer_dtypes(low, high)
     policy = validate_policy(steps, device, baseline, log_prob, entropy, opts.actor)
     actor = ActorShapes(steps, torch.promote_types(policy, returns.dtype))
     head = validate_critic_head(value_pred, steps, device, slow_value, opts.critic)
