@@ -5,11 +5,15 @@ conventions.
 
 - :mod:`.reference`: the pure-torch spec; :mod:`.validation`: its argument checks;
 - :mod:`.functional`: :func:`lambda_returns`, :func:`return_scale`, :func:`dreamer_v3_actor_loss`,
-  :func:`dreamer_v3_value_loss`, :func:`replay_value_loss`.
+  :func:`dreamer_v3_value_loss`, :func:`replay_value_loss`, and all of them at once,
+  :func:`dreamer_v3_behavior_loss`;
+- :mod:`.conventions`: :data:`BEHAVIOR_CONVENTIONS`.
 """
 
+from .conventions import BEHAVIOR_CONVENTIONS
 from .functional import (
     dreamer_v3_actor_loss,
+    dreamer_v3_behavior_loss,
     dreamer_v3_value_loss,
     lambda_returns,
     replay_value_loss,
@@ -17,7 +21,9 @@ from .functional import (
 )
 
 __all__ = [
+    "BEHAVIOR_CONVENTIONS",
     "dreamer_v3_actor_loss",
+    "dreamer_v3_behavior_loss",
     "dreamer_v3_value_loss",
     "lambda_returns",
     "replay_value_loss",

@@ -12,16 +12,18 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.dispatch import resolve_backend
+from ..core.dispatch import require_triton, resolve_backend
 from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import (
     ActorOptions,
+    BehaviorOptions,
     CriticOptions,
     ReplayOptions,
     ReturnOptions,
     ScaleOptions,
     validate_actor,
+    validate_behavior,
     validate_critic,
     validate_replay,
     validate_returns,
@@ -30,13 +32,23 @@ from .validation import (
 
 
 def _fused(backend: str, tensors: Sequence[torch.Tensor | None]) -> bool:
-    """Whether the fused kernels run this call (see :func:`core.dispatch.resolve_backend`)."""
+    """Whether the fused kernels run this call (see :func:`core.dispatch.resolve_backend`);
+    ``meta`` tensors and those of ``torch.func`` transforms take the reference."""
     check_backend(backend)
     present = [t for t in tensors if t is not None]
-    if backend != "triton" or not kernels_can_take(present):
-        return False
-    resolve_backend(backend, present[0].device)
-    raise RuntimeError("the fused behaviour kernels are not built yet: use backend='torch'")
+    return kernels_can_take(present) and resolve_backend(backend, present[0].device) != "torch"
+
+
+def _kernels():
+    """The fused behaviour kernel module (importing triton), or a RuntimeError saying why it
+    cannot run."""
+    require_triton()
+    from . import kernels
+    return kernels
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def lambda_returns(
@@ -92,7 +104,9 @@ def lambda_returns(
     """
     opts = ReturnOptions(gamma, lmbda, discount_loss, discount_weights)
     shapes = validate_returns(reward, next_value, continuation, root_continuation)
-    _fused(backend, (reward, next_value, continuation, root_continuation))
+    if _fused(backend, (reward, next_value, continuation, root_continuation)):
+        return _kernels().fused_lambda_returns(reward, next_value, continuation,
+                                               root_continuation, opts, shapes)
     returns = reference.lambda_returns(reward, next_value, continuation, opts, shapes.dtype)
     weights = reference.discount_weights(root_continuation, shapes.steps, opts, shapes.dtype,
                                          reward.device)
@@ -147,7 +161,8 @@ def return_scale(
     opts = ScaleOptions(tuple(quantiles) if isinstance(quantiles, list) else quantiles, rate,
                         min_scale, update)
     validate_scale(returns, low, high)
-    _fused(backend, (returns, low, high))
+    if _fused(backend, (returns, low, high)):
+        return _kernels().fused_return_scale(returns, low, high, opts, process_group)
     return reference.return_scale(returns, low, high, opts, process_group)
 
 
@@ -206,7 +221,11 @@ def dreamer_v3_actor_loss(
     """
     opts = ActorOptions(entropy_bonus, use_reinforce, normalize_advantage, weight_entropy)
     shapes = validate_actor(returns, weights, scale, baseline, log_prob, entropy, opts)
-    _fused(backend, (returns, weights, scale, baseline, log_prob, entropy))
+    if _fused(backend, (returns, weights, scale, baseline, log_prob, entropy)):
+        k = _kernels()
+        return k.fused_terms(k.TermsOptions(actor=opts), k.TermsShapes(actor_dtype=shapes.dtype),
+                             **_actor_tensors(opts, returns, weights, scale, baseline, log_prob,
+                                              entropy))
     return reference.actor_loss(returns, weights, scale, baseline, log_prob, entropy, opts,
                                 shapes.dtype)
 
@@ -266,7 +285,13 @@ def dreamer_v3_value_loss(
     opts = CriticOptions(value_loss, slow_critic_regularization, reduction, two_hot_space,
                          value_bins)
     shapes = validate_critic(value_pred, returns, weights, slow_value, opts)
-    _fused(backend, (value_pred, returns, weights, slow_value))
+    if opts.reduction != "none" and _fused(backend, (value_pred, returns, weights, slow_value)):
+        k = _kernels()
+        return k.fused_terms(
+            k.TermsOptions(critic=opts, imagined=True),
+            k.TermsShapes(critic_dtype=shapes.dtype, slow_logits=shapes.slow_logits),
+            returns=returns.detach(), weights=_detach(weights), value_pred=value_pred,
+            slow_value=_detach(slow_value) if opts.has_slow else None)
     return reference.value_loss(value_pred, returns, weights, slow_value, opts,
                                 shapes.slow_logits, shapes.dtype)
 
@@ -327,7 +352,191 @@ def replay_value_loss(
     opts = CriticOptions(value_loss, slow_critic_regularization, reduction, two_hot_space,
                          value_bins)
     shapes = validate_replay(value_pred, reward, done, terminated, bootstrap, slow_value, opts)
-    _fused(backend, (value_pred, reward, bootstrap, slow_value))
+    if opts.reduction != "none" and _fused(backend, (value_pred, reward, bootstrap, slow_value)):
+        k = _kernels()
+        return k.fused_terms(
+            k.TermsOptions(critic=opts, replay=replay),
+            k.TermsShapes(replay_dtype=shapes.dtype, replay_slow_logits=shapes.slow_logits,
+                          replay_steps=shapes.steps),
+            **_replay_tensors(opts, value_pred, reward, done, terminated, bootstrap,
+                              slow_value))["loss_replay_value"]
     return reference.replay_value_loss(value_pred, reward, done, terminated, bootstrap,
                                        slow_value, replay, opts, shapes.steps,
                                        shapes.slow_logits, shapes.dtype)
+
+
+def dreamer_v3_behavior_loss(
+    reward: torch.Tensor,
+    next_value: torch.Tensor,
+    value_pred: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    continuation: torch.Tensor | None = None,
+    root_continuation: torch.Tensor | None = None,
+    *,
+    baseline: torch.Tensor | None = None,
+    log_prob: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    slow_value: torch.Tensor | None = None,
+    replay_value_pred: torch.Tensor | None = None,
+    replay_reward: torch.Tensor | None = None,
+    replay_done: torch.Tensor | None = None,
+    replay_terminated: torch.Tensor | None = None,
+    replay_slow_value: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lmbda: float = 0.95,
+    discount_loss: bool = True,
+    discount_weights: str = "inclusive",
+    return_normalization: bool = True,
+    quantiles: tuple[float, float] = (0.05, 0.95),
+    rate: float = 0.01,
+    min_scale: float = 1.0,
+    update: bool = True,
+    process_group=None,
+    entropy_bonus: float = 3e-4,
+    use_reinforce: bool = False,
+    normalize_advantage: bool = True,
+    weight_entropy: bool = True,
+    value_loss: str = "symlog_mse",
+    value_bins: torch.Tensor | Sequence[float] | None = None,
+    slow_critic_regularization: float = 0.0,
+    two_hot_space: str = "raw",
+    replay_value_weight: float = 0.0,
+    horizon: float = 333.0,
+    replay_lmbda: float = 0.95,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """The whole DreamerV3 behaviour objective after the networks, from one imagined rollout: the
+    λ-returns and weights, the return normalisation, the actor, the critic and (with
+    ``replay_value_weight > 0``) the replay value, as torchrl's ``DreamerV3Loss`` composes
+    ``DreamerV3ActorLoss``, ``DreamerV3ValueLoss`` and ``replay_value_loss``. The fused backend
+    runs it in four launches forward and backward (see :mod:`.kernels`);
+    :data:`BEHAVIOR_CONVENTIONS` holds the options of each codebase.
+
+    Args:
+        reward, next_value, continuation, root_continuation: the rollout, as
+            :func:`lambda_returns`; with the reparameterised actor (``use_reinforce=False``) the
+            actor loss is differentiable with respect to the first three.
+        value_pred: the critic on each step's root state: logits ``[*B, H, R]`` (``"two_hot"``)
+            or values ``[*B, H, 1]``.
+        low, high: the return statistics (one-element buffers), updated in place when
+            ``return_normalization`` and ``update``.
+        baseline, log_prob, entropy: as :func:`dreamer_v3_actor_loss`.
+        slow_value: as :func:`dreamer_v3_value_loss`.
+        replay_value_pred, replay_reward, replay_done, replay_terminated, replay_slow_value: the
+            replay batch ``[B', T, ·]`` whose states started the imagination (``B'·T`` starts, in
+            order): as :func:`replay_value_loss`, bootstrapped from the first return of each
+            start; needed when ``replay_value_weight > 0``.
+        gamma, lmbda, discount_loss, discount_weights: as :func:`lambda_returns`.
+        return_normalization: divide by the return scale (off: the scale is 1, no update).
+        quantiles, rate, min_scale, update, process_group: as :func:`return_scale`.
+        entropy_bonus, use_reinforce, normalize_advantage, weight_entropy: as
+            :func:`dreamer_v3_actor_loss`.
+        value_loss, value_bins, slow_critic_regularization, two_hot_space: as
+            :func:`dreamer_v3_value_loss` (reduced by the mean, as torchrl's default).
+        replay_value_weight: torchrl's ``replay_value_loss_weight`` (its ``DreamerV3Loss``
+            default is 0.3); 0 skips the replay term.
+        horizon, replay_lmbda: the replay return's discount horizon and λ.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``loss_actor``, ``actor_entropy``, ``loss_value``, ``value_slow_loss`` (as the two
+        losses), ``loss_replay_value`` (weighted; with the replay term), and the detached
+        ``lambda_target`` and ``discount_weight`` (``[*B, H, 1]``) and ``return_scale`` (0-dim).
+
+    Example:
+        >>> import torch
+        >>> from fused_dreamer_loss.behavior_v3 import BEHAVIOR_CONVENTIONS, dreamer_v3_behavior_loss
+        >>> N, H, R = 8, 15, 255
+        >>> reward, value = torch.randn(N, H, 1), torch.randn(N, H, 1)
+        >>> cont = torch.full((N, H, 1), 0.997)
+        >>> logits = torch.randn(N, H, R, requires_grad=True)
+        >>> log_prob = -torch.rand(N, H, 1, requires_grad=True)
+        >>> low, high = torch.zeros(1), torch.zeros(1)
+        >>> losses = dreamer_v3_behavior_loss(
+        ...     reward, value, logits, low, high, cont, cont, baseline=value, log_prob=log_prob,
+        ...     entropy=torch.ones(N, H, 1), slow_value=torch.randn(N, H, 1),
+        ...     **{**BEHAVIOR_CONVENTIONS["dreamerv3-2024"], "replay_value_weight": 0.0},
+        ...     backend="torch")
+        >>> sorted(k for k in losses if k.startswith("loss_"))
+        ['loss_actor', 'loss_value']
+        >>> (losses["loss_actor"] + losses["loss_value"]).backward()
+        >>> logits.grad.shape
+        torch.Size([8, 15, 255])
+    """
+    opts = BehaviorOptions(
+        ReturnOptions(gamma, lmbda, discount_loss, discount_weights),
+        ScaleOptions(tuple(quantiles) if isinstance(quantiles, list) else quantiles, rate,
+                     min_scale, update),
+        ActorOptions(entropy_bonus, use_reinforce, normalize_advantage, weight_entropy),
+        CriticOptions(value_loss, slow_critic_regularization, "mean", two_hot_space, value_bins),
+        ReplayOptions(horizon, replay_lmbda),
+        return_normalization, replay_value_weight)
+    replay = (replay_value_pred, replay_reward, replay_done, replay_terminated, replay_slow_value)
+    shapes = validate_behavior(reward, next_value, continuation, root_continuation, value_pred,
+                               low, high, baseline, log_prob, entropy, slow_value, replay, opts)
+    if _fused(backend, (reward, next_value, continuation, root_continuation, value_pred,
+                        baseline, log_prob, entropy, slow_value, *replay)):
+        return _fused_behavior(reward, next_value, continuation, root_continuation, value_pred,
+                               low, high, baseline, log_prob, entropy, slow_value, replay, opts,
+                               shapes, process_group)
+    return reference.behavior_loss(reward, next_value, continuation, root_continuation,
+                                   value_pred, low, high, baseline, log_prob, entropy, slow_value,
+                                   replay, opts, shapes, process_group)
+
+
+def _actor_tensors(opts: ActorOptions, returns, weights, scale, baseline, log_prob,
+                   entropy) -> dict:
+    """The actor's inputs of the fused terms: what its estimator reads, stopped where the
+    reference stops the gradient."""
+    reinforce = opts.use_reinforce
+    return dict(returns=returns.detach() if reinforce else returns, weights=weights.detach(),
+                scale=scale.detach(), baseline=_detach(baseline) if reinforce else baseline,
+                log_prob=log_prob if reinforce else None,
+                entropy=entropy if opts.has_entropy else None)
+
+
+def _replay_tensors(opts: CriticOptions, value_pred, reward, done, terminated, bootstrap,
+                    slow_value) -> dict:
+    return dict(replay_pred=value_pred, replay_reward=reward.detach(), replay_done=done,
+                replay_terminated=terminated, bootstrap=bootstrap.detach(),
+                replay_slow=_detach(slow_value) if opts.has_slow else None)
+
+
+def _fused_behavior(reward, next_value, continuation, root_continuation, value_pred, low, high,
+                    baseline, log_prob, entropy, slow_value, replay, opts: BehaviorOptions,
+                    shapes, process_group) -> dict[str, torch.Tensor]:
+    """:func:`dreamer_v3_behavior_loss` on the fused kernels: the returns kernel (returns,
+    weights, quantiles, EMA, scale), then the terms kernels."""
+    k = _kernels()
+    rollout = [t.detach() if t is not None else None
+               for t in (reward, next_value, continuation, root_continuation)]
+    scale_opts = opts.scale if opts.return_normalization else None
+    gather = process_group is not None and scale_opts is not None and scale_opts.update
+    outs = k.launch_returns(*rollout, None, low, high, opts.returns, scale_opts, grid=gather)
+    returns, weights = outs[0], outs[1]
+    scale = (k.fused_return_scale(returns, low, high, scale_opts, process_group) if gather
+             else outs[2])
+    tensors = _actor_tensors(opts.actor, returns, weights, scale, baseline, log_prob, entropy)
+    if not opts.actor.use_reinforce:  # the reparameterised actor's gradient runs through R
+        tensors.update(reward=reward, next_value=next_value, continuation=continuation)
+    tensors.update(value_pred=value_pred,
+                   slow_value=_detach(slow_value) if opts.critic.has_slow else None)
+    replay_steps = None
+    if opts.has_replay:
+        replay_steps = shapes.replay.steps
+        pred, r, d, term, slow = replay
+        tensors.update(_replay_tensors(opts.critic, pred, r, d, term,
+                                       returns[..., 0, 0].reshape(replay_steps), slow))
+    losses = k.fused_terms(
+        k.TermsOptions(actor=opts.actor, critic=opts.critic, imagined=True,
+                       replay=opts.replay if opts.has_replay else None, returns=opts.returns,
+                       replay_weight=opts.replay_value_weight),
+        k.TermsShapes(actor_dtype=shapes.actor.dtype, critic_dtype=shapes.critic.dtype,
+                      replay_dtype=shapes.replay.dtype if opts.has_replay else None,
+                      slow_logits=shapes.critic.slow_logits,
+                      replay_slow_logits=opts.has_replay and shapes.replay.slow_logits,
+                      replay_steps=replay_steps),
+        **tensors)
+    losses.update(lambda_target=returns, discount_weight=weights, return_scale=scale)
+    return losses

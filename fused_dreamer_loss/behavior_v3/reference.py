@@ -57,6 +57,8 @@ import torch.distributed as dist
 from ..core.math import default_bins, symexp, symlog, two_hot, two_hot_cross_entropy
 from .validation import (
     ActorOptions,
+    BehaviorOptions,
+    BehaviorShapes,
     CriticOptions,
     ReplayOptions,
     ReturnOptions,
@@ -292,3 +294,39 @@ def replay_value_loss(value_pred: torch.Tensor, reward: torch.Tensor, done: torc
     slow = None if slow_value is None or not opts.has_slow else slow_value[..., :-1, :]
     loss, _ = critic_loss(prediction, target.unsqueeze(-1), None, slow, opts, slow_logits, dtype)
     return reduce(keep.to(loss.dtype) * loss, opts.reduction)
+
+
+# ---- the whole behaviour objective ---------------------------------------------------------------
+
+
+def behavior_loss(reward: torch.Tensor, next_value: torch.Tensor,
+                  continuation: torch.Tensor | None, root_continuation: torch.Tensor | None,
+                  value_pred: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                  baseline: torch.Tensor | None, log_prob: torch.Tensor | None,
+                  entropy: torch.Tensor | None, slow_value: torch.Tensor | None,
+                  replay_inputs: tuple, opts: BehaviorOptions, shapes: BehaviorShapes,
+                  process_group=None) -> dict[str, torch.Tensor]:
+    """torchrl's ``DreamerV3Loss`` after the networks: the actor, the critic and the replay value
+    from one imagined rollout (see :func:`fused_dreamer_loss.behavior_v3.dreamer_v3_behavior_loss`)."""
+    dtype = shapes.returns.dtype
+    returns = lambda_returns(reward, next_value, continuation, opts.returns, dtype)
+    weights = discount_weights(root_continuation, shapes.returns.steps, opts.returns, dtype,
+                               reward.device)
+    if opts.return_normalization:
+        scale = return_scale(returns, low, high, opts.scale, process_group)
+    else:
+        scale = torch.ones((), dtype=dtype, device=reward.device)
+    losses = actor_loss(returns, weights, scale, baseline, log_prob, entropy, opts.actor,
+                        shapes.actor.dtype)
+    losses.update(value_loss(value_pred, returns, weights, slow_value, opts.critic,
+                             shapes.critic.slow_logits, shapes.critic.dtype))
+    if opts.has_replay:
+        pred, r, d, term, slow = replay_inputs
+        steps = shapes.replay.steps
+        bootstrap = returns[..., 0, 0].detach().reshape(steps)
+        replay = replay_value_loss(pred, r, d, term, bootstrap, slow, opts.replay, opts.critic,
+                                   steps, shapes.replay.slow_logits, shapes.replay.dtype)
+        losses["loss_replay_value"] = opts.replay_value_weight * replay
+    losses.update(lambda_target=returns.detach(), discount_weight=weights,
+                  return_scale=scale.detach())
+    return losses

@@ -290,10 +290,17 @@ def validate_scale(returns, low, high) -> torch.dtype:
                              f"shape {tuple(t.shape)}")
         if t.requires_grad:
             raise ValueError(f"{name} requires grad; it is a running statistic, updated in place")
-    if low.dtype != high.dtype:
-        raise TypeError(f"low and high must have one dtype, got {low.dtype} and {high.dtype}")
+    _check_buffer_dtypes(low, high)
     check_device([("returns", returns), ("low", low), ("high", high)])
     return low.dtype
+
+
+def _check_buffer_dtypes(low: torch.Tensor, high: torch.Tensor) -> None:
+    if low.dtype != high.dtype:
+        raise TypeError(f"low and high must have one dtype, got {low.dtype} and {high.dtype}")
+    if low.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"low and high must be float32 or float64 (torch.quantile's dtypes), "
+                        f"got {low.dtype}")
 
 
 @dataclass(frozen=True)
@@ -312,17 +319,28 @@ def validate_actor(returns, weights, scale, baseline, log_prob, entropy,
     check_float("scale", scale)
     if scale.numel() != 1:
         raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
+    check_device([("returns", returns), ("weights", weights), ("scale", scale)])
+    policy = validate_policy(steps, returns.device, baseline, log_prob, entropy, opts)
+    return ActorShapes(steps, torch.promote_types(policy, term_dtype(returns, weights, scale)))
+
+
+def validate_policy(steps: torch.Size, device: torch.device, baseline, log_prob, entropy,
+                    opts: ActorOptions) -> torch.dtype:
+    """Check the policy's per-step inputs (``[*B, H, 1]`` or ``[*B, H]``, on ``device``); their
+    term dtype."""
     if opts.use_reinforce:
         for name, t in (("log_prob", log_prob), ("baseline", baseline)):
             if t is None:
                 raise ValueError(f"use_reinforce=True needs {name}")
-    for name, t in (("baseline", baseline), ("log_prob", log_prob), ("entropy", entropy)):
+    named = [("baseline", baseline), ("log_prob", log_prob), ("entropy", entropy)]
+    for name, t in named:
         if t is not None:
             check_float(name, t)
             check_steps(name, t, steps, allow_squeezed=True)
-    check_device([("returns", returns), ("weights", weights), ("scale", scale),
-                  ("baseline", baseline), ("log_prob", log_prob), ("entropy", entropy)])
-    return ActorShapes(steps, term_dtype(returns, weights, scale, baseline, log_prob, entropy))
+            if t.device != device:
+                raise ValueError(f"all inputs must be on one device, got {name} on {t.device} "
+                                 f"and the returns on {device}")
+    return term_dtype(baseline, log_prob, entropy)
 
 
 @dataclass(frozen=True)
@@ -338,38 +356,50 @@ def validate_critic(value_pred, returns, weights, slow_value, opts: CriticOption
     """Check the critic-loss inputs: ``value_pred`` ``[*B, H, R]`` logits (two-hot) or
     ``[*B, H, 1]`` values, ``returns`` and ``weights`` (None: ones) ``[*B, H, 1]``, ``slow_value``
     ``[*B, H, 1]`` values or ``[*B, H, R]`` logits."""
-    check_float("value_pred", value_pred)
     check_float(names[0], returns)
     steps = steps_shape(names[0], returns)
     if weights is not None:
         check_float(names[1], weights)
         check_steps(names[1], weights, steps)
-    width = _critic_width(value_pred, steps, opts)
+    check_device([(names[0], returns), (names[1], weights)])
+    shapes = validate_critic_head(value_pred, steps, returns.device, slow_value, opts)
+    return CriticShapes(steps, shapes.bins, shapes.slow_logits,
+                        torch.promote_types(shapes.dtype, term_dtype(returns, weights)))
+
+
+def validate_critic_head(value_pred, steps: torch.Size, device: torch.device, slow_value,
+                         opts: CriticOptions, what: str = "[*B, H") -> CriticShapes:
+    """Check the critic's outputs over ``steps`` (on ``device``): ``value_pred`` and, with the
+    regulariser, ``slow_value`` (values ``[*steps, 1]`` or logits ``[*steps, R]``)."""
+    check_float("value_pred", value_pred)
+    width = _critic_width(value_pred, steps, opts, what)
     slow_logits = False
     if opts.has_slow:
         if slow_value is None:
             raise ValueError("slow_critic_regularization > 0 needs slow_value (the slow critic's "
                              "value or logits)")
         check_float("slow_value", slow_value)
-        slow_logits = opts.two_hot and tuple(slow_value.shape) == (*steps, width) and width != 1
+        slow_logits = opts.two_hot and tuple(slow_value.shape) == (*steps, width)
         if not slow_logits:
-            what = "[*B, H, 1] (or [*B, H, R] logits)" if opts.two_hot else "[*B, H, 1]"
-            check_steps("slow_value", slow_value, steps, what)
-    check_device([("value_pred", value_pred), (names[0], returns), (names[1], weights),
-                  ("slow_value", slow_value if opts.has_slow else None)])
-    _check_bins_device(opts, value_pred.device)
-    return CriticShapes(steps, width, slow_logits,
-                        term_dtype(value_pred, returns, weights,
-                                   slow_value if opts.has_slow else None))
+            shape = f"{what}, 1]" + (f" (or {what}, R] logits)" if opts.two_hot else "")
+            check_steps("slow_value", slow_value, steps, shape)
+    slow = slow_value if opts.has_slow else None
+    for name, t in (("value_pred", value_pred), ("slow_value", slow)):
+        if t is not None and t.device != device:
+            raise ValueError(f"all inputs must be on one device, got {name} on {t.device} and "
+                             f"the returns on {device}")
+    _check_bins_device(opts, device)
+    return CriticShapes(steps, width, slow_logits, term_dtype(value_pred, slow))
 
 
-def _critic_width(value_pred: torch.Tensor, steps: torch.Size, opts: CriticOptions) -> int:
+def _critic_width(value_pred: torch.Tensor, steps: torch.Size, opts: CriticOptions,
+                  what: str) -> int:
     """R, the logits' width (checked against ``value_bins``), or 1 for symlog_mse."""
     if not opts.two_hot:
-        check_steps("value_pred", value_pred, steps, "[*B, H, 1] (value_loss='symlog_mse')")
+        check_steps("value_pred", value_pred, steps, f"{what}, 1] (value_loss='symlog_mse')")
         return 1
     if value_pred.dim() != len(steps) + 1 or value_pred.shape[:-1] != steps:
-        raise ValueError(f"value_pred must have shape [*B, H, R] with *B, H = {tuple(steps)} "
+        raise ValueError(f"value_pred must have shape {what}, R] = {(*steps, 'R')} "
                          f"(value_loss='two_hot'), got {tuple(value_pred.shape)}")
     width = value_pred.shape[-1]
     bins = opts.value_bins
@@ -398,36 +428,103 @@ class ReplayShapes:
 
 
 def validate_replay(value_pred, reward, done, terminated, bootstrap, slow_value,
-                    opts: CriticOptions) -> ReplayShapes:
+                    opts: CriticOptions, prefix: str = "") -> ReplayShapes:
     """Check the replay-value inputs: ``reward``, ``done``, ``terminated`` ``[B, T, 1]`` (or
-    ``[B, T]``), ``bootstrap`` ``[B, T]`` or ``[B, T, 1]``, T ≥ 2."""
-    check_float("reward", reward)
-    if reward.dim() >= 2 and reward.shape[-1] == 1 and reward.dim() >= 3:
-        steps = reward.shape[:-1]
-    else:
-        steps = reward.shape
-    if len(steps) < 1 or steps[-1] < 2 or math.prod(steps) == 0:
-        raise ValueError(f"reward must have shape [B, T, 1] with T >= 2 (one target per step "
-                         f"but the last), got {tuple(reward.shape)}")
-    for name, t in (("done", done), ("terminated", terminated)):
+    ``[B, T]``), ``bootstrap`` ``[B, T]`` or ``[B, T, 1]`` (None: the combined loss's own), T ≥ 2;
+    ``prefix`` names them as the caller does (``"replay_"``)."""
+    check_float(f"{prefix}reward", reward)
+    steps = reward.shape[:-1] if reward.dim() >= 3 and reward.shape[-1] == 1 else reward.shape
+    if len(steps) < 2 or steps[-1] < 2 or math.prod(steps) == 0:
+        raise ValueError(f"{prefix}reward must have shape [B, T, 1] with T >= 2 (one target per "
+                         f"step but the last), got {tuple(reward.shape)}")
+    named = [(f"{prefix}reward", reward)]
+    for name, t in ((f"{prefix}done", done), (f"{prefix}terminated", terminated)):
         check_flag(name, t)
         check_steps(name, t, steps, "[B, T, 1]", allow_squeezed=True)
-    check_float("bootstrap", bootstrap)
-    check_steps("bootstrap", bootstrap, steps, "[B, T]", allow_squeezed=True)
-    width = _critic_width(value_pred, steps, opts)
-    slow_logits = False
-    if opts.has_slow:
-        if slow_value is None:
-            raise ValueError("slow_critic_regularization > 0 needs slow_value (the slow critic's "
-                             "value or logits)")
-        check_float("slow_value", slow_value)
-        slow_logits = opts.two_hot and tuple(slow_value.shape) == (*steps, width)
-        if not slow_logits:
-            check_steps("slow_value", slow_value, steps, "[B, T, 1] (or [B, T, R] logits)")
-    check_device([("value_pred", value_pred), ("reward", reward), ("done", done),
-                  ("terminated", terminated), ("bootstrap", bootstrap),
-                  ("slow_value", slow_value if opts.has_slow else None)])
-    _check_bins_device(opts, value_pred.device)
-    return ReplayShapes(steps, width, slow_logits,
-                        term_dtype(value_pred, reward, bootstrap,
-                                   slow_value if opts.has_slow else None))
+        named.append((name, t))
+    if bootstrap is not None:
+        check_float("bootstrap", bootstrap)
+        check_steps("bootstrap", bootstrap, steps, "[B, T]", allow_squeezed=True)
+        named.append(("bootstrap", bootstrap))
+    device = check_device(named)
+    head = validate_critic_head(value_pred, steps, device, slow_value, opts, "[B, T")
+    return ReplayShapes(steps, head.bins, head.slow_logits,
+                        torch.promote_types(head.dtype, term_dtype(reward, bootstrap)))
+
+
+@dataclass(frozen=True, eq=False)
+class BehaviorOptions:
+    """The options of :func:`dreamer_v3_behavior_loss`, one dataclass per phase, plus whether the
+    returns are normalised (torchrl's ``return_normalization``; off: the scale is 1) and the
+    replay value's weight (torchrl's ``replay_value_loss_weight``; 0: no replay term)."""
+
+    returns: ReturnOptions
+    scale: ScaleOptions
+    actor: ActorOptions
+    critic: CriticOptions
+    replay: ReplayOptions
+    return_normalization: bool = True
+    replay_value_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_bool("return_normalization", self.return_normalization)
+        weight = check_real("replay_value_weight", self.replay_value_weight)
+        if weight < 0.0:
+            raise ValueError(f"replay_value_weight must be non-negative, got {weight!r}")
+        object.__setattr__(self, "replay_value_weight", weight)
+        if self.critic.reduction != "mean":
+            raise ValueError("dreamer_v3_behavior_loss reduces by the mean (torchrl's default); "
+                             "call dreamer_v3_value_loss for another reduction")
+
+    @property
+    def has_replay(self) -> bool:
+        return self.replay_value_weight > 0.0
+
+
+@dataclass(frozen=True)
+class BehaviorShapes:
+    returns: ReturnShapes
+    actor: ActorShapes
+    critic: CriticShapes
+    replay: ReplayShapes | None
+
+
+def validate_behavior(reward, next_value, continuation, root_continuation, value_pred, low, high,
+                      baseline, log_prob, entropy, slow_value, replay_inputs,
+                      opts: BehaviorOptions) -> BehaviorShapes:
+    """Check the inputs of :func:`dreamer_v3_behavior_loss`: the imagined rollout ``[*B, H, ·]``
+    and, with a replay term, the replay batch ``[B', T, ·]`` with ``B'·T`` = the number of
+    imagination starts (torchrl starts imagination from every replay state, in order)."""
+    returns = validate_returns(reward, next_value, continuation, root_continuation)
+    steps, device = returns.steps, reward.device
+    for name, t in (("low", low), ("high", high)):
+        check_float(name, t)
+        if t.numel() != 1 or t.requires_grad or t.device != device:
+            raise ValueError(f"{name} must be a one-element buffer without grad on the inputs' "
+                             f"device ({device}), got shape {tuple(t.shape)} on {t.device}")
+    _check_buffer_dtypes(low, high)
+    policy = validate_policy(steps, device, baseline, log_prob, entropy, opts.actor)
+    actor = ActorShapes(steps, torch.promote_types(policy, returns.dtype))
+    head = validate_critic_head(value_pred, steps, device, slow_value, opts.critic)
+    critic = CriticShapes(steps, head.bins, head.slow_logits,
+                          torch.promote_types(head.dtype, returns.dtype))
+    replay = None
+    if opts.has_replay:
+        names = ("replay_value_pred", "replay_reward", "replay_done", "replay_terminated")
+        for name, t in zip(names, replay_inputs[:4]):
+            if t is None:
+                raise ValueError(f"replay_value_weight > 0 computes the replay value loss, which "
+                                 f"needs {name}")
+        pred, r, d, term, slow = replay_inputs
+        replay = validate_replay(pred, r, d, term, None, slow, opts.critic, prefix="replay_")
+        starts = math.prod(steps[:-1])
+        if math.prod(replay.steps) != starts:
+            raise ValueError(
+                f"the replay batch {tuple(replay.steps)} must hold one state per imagination start "
+                f"({starts} starts: {tuple(steps[:-1])}); its returns bootstrap from theirs")
+        if r.device != device:
+            raise ValueError(f"all inputs must be on one device, got replay_reward on {r.device} "
+                             f"and reward on {device}")
+        replay = ReplayShapes(replay.steps, replay.bins, replay.slow_logits,
+                              torch.promote_types(replay.dtype, returns.dtype))
+    return BehaviorShapes(returns, actor, critic, replay)
