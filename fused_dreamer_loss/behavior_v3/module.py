@@ -365,9 +365,11 @@ class FusedDreamerV3ActorLoss(DreamerV3ActorLoss):
         continuation, root_continuation = self._continuations(fake_data, next_data, first)
 
         gamma, lmbda = self._discounting(continuation is not None)
+        # The weights take no gradient (torchrl detaches them): their continuations neither.
         returns, weights = lambda_returns(
-            reward, next_value, continuation, root_continuation, gamma=gamma, lmbda=lmbda,
-            discount_loss=self.discount_loss, backend=self.backend)
+            reward, next_value, continuation,
+            None if root_continuation is None else root_continuation.detach(), gamma=gamma,
+            lmbda=lmbda, discount_loss=self.discount_loss, backend=self.backend)
 
         policy = log_prob = baseline = entropy = None
         if self.use_reinforce or self.entropy_bonus > 0:

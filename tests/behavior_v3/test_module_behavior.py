@@ -45,6 +45,7 @@ STATE, BELIEF, ACTIONS, CATEGORIES, BINS, HIDDEN = 3, 4, 2, 3, 255, 8
 FEATURES = STATE + BELIEF
 STARTS, HORIZON = 5, 3
 F64 = torch.float64
+BACKENDS = ["torch", "triton"]
 #: float64 on both sides: the modules agree to rounding.
 EXACT = {"rtol": 1e-10, "atol": 1e-12}
 #: Against torchrl's vectorised TD(λ) estimate, which is off by ≈1e-8 – 1e-7 relative in float64
@@ -167,13 +168,13 @@ def starts(dtype=F64, seed=1, n=STARTS) -> TensorDict:
                        "belief": torch.randn(n, BELIEF, generator=g, dtype=dtype)}, [n])
 
 
-def actor_pair(nets: Networks, *, continuation=True, dtype=F64, **options):
+def actor_pair(nets: Networks, *, continuation=True, dtype=F64, backend="torch", **options):
     """torchrl's actor loss and ours on the same networks (their buffers in ``dtype``)."""
     options = {"imagination_horizon": HORIZON, **options}
     if continuation:
         options["continuation_model"] = nets.continuation
     theirs = DreamerV3ActorLoss(nets.actor, nets.value, nets.env, **options).to(dtype)
-    ours = FusedDreamerV3ActorLoss(nets.actor, nets.value, nets.env, backend="torch",
+    ours = FusedDreamerV3ActorLoss(nets.actor, nets.value, nets.env, backend=backend,
                                    **options).to(dtype)
     return theirs, ours
 
@@ -223,16 +224,19 @@ def compare_actor(theirs, ours, nets, data, what, *, steps=2, **tol):
 # ---- the actor: numbers and gradients ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("continuation", [True, False], ids=["continuation", "no_continuation"])
 @pytest.mark.parametrize("use_reinforce", [False, True], ids=["backprop", "reinforce"])
 @pytest.mark.parametrize("kind", ["tanh_normal", "categorical", "normal"])
-def test_actor_matches_torchrl(kind, use_reinforce, continuation):
+def test_actor_matches_torchrl(kind, use_reinforce, continuation, backend):
     """Two training calls (the EMA moves), values and every parameter's gradient."""
     nets = networks(kind)
-    theirs, ours = actor_pair(nets, continuation=continuation, use_reinforce=use_reinforce)
+    theirs, ours = actor_pair(nets, continuation=continuation, use_reinforce=use_reinforce,
+                              backend=backend)
     compare_actor(theirs, ours, nets, starts(), f"{kind}, {use_reinforce=}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", [
     {"entropy_bonus": 0.0},
     {"discount_loss": False},
@@ -241,15 +245,16 @@ def test_actor_matches_torchrl(kind, use_reinforce, continuation):
      "return_normalization_min_scale": 0.1},
     {"entropy_bonus": 0.05, "imagination_horizon": 1},
 ], ids=lambda o: ",".join(o))
-def test_actor_options_match_torchrl(options):
+def test_actor_options_match_torchrl(options, backend):
     nets = networks()
-    theirs, ours = actor_pair(nets, use_reinforce=True, **options)
+    theirs, ours = actor_pair(nets, use_reinforce=True, backend=backend, **options)
     compare_actor(theirs, ours, nets, starts(), str(options))
 
 
-def test_eval_mode_leaves_the_ema_and_still_scales():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_mode_leaves_the_ema_and_still_scales(backend):
     nets = networks()
-    theirs, ours = actor_pair(nets, use_reinforce=True)
+    theirs, ours = actor_pair(nets, use_reinforce=True, backend=backend)
     for loss in (theirs, ours):
         loss.retnorm.low.fill_(-3.0)
         loss.retnorm.high.fill_(4.0)
@@ -262,27 +267,30 @@ def test_eval_mode_leaves_the_ema_and_still_scales():
     assert ours.retnorm.low.item() != -3.0
 
 
-def test_terminal_continuations_inside_the_rollout():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_terminal_continuations_inside_the_rollout(backend):
     """A continuation model that predicts exact zeros for some imagined states."""
     nets = networks()
     nets.continuation.module.forward = lambda state, belief: (state[..., :1] > 0).to(state.dtype)
-    theirs, ours = actor_pair(nets, use_reinforce=True)
+    theirs, ours = actor_pair(nets, use_reinforce=True, backend=backend)
     data = starts(n=7)
     compare_actor(theirs, ours, nets, data, "terminal states")
     _, imagined = run(ours, data)
     assert (imagined["discount_weight"] == 0).any() and (imagined["discount_weight"] > 0).any()
 
 
-def test_float32_matches_torchrl():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_matches_torchrl(backend):
     nets = networks(dtype=torch.float32)
-    theirs, ours = actor_pair(nets, dtype=torch.float32, use_reinforce=True)
+    theirs, ours = actor_pair(nets, dtype=torch.float32, use_reinforce=True, backend=backend)
     compare_actor(theirs, ours, nets, starts(torch.float32), "float32", rtol=1e-5, atol=1e-6)
     assert run(ours, starts(torch.float32))[0]["loss_actor"].dtype == torch.float32
 
 
-def test_bf16_autocast_gives_torchrl_dtypes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_autocast_gives_torchrl_dtypes(backend):
     nets = networks(dtype=torch.float32)
-    theirs, ours = actor_pair(nets, dtype=torch.float32, use_reinforce=True)
+    theirs, ours = actor_pair(nets, dtype=torch.float32, use_reinforce=True, backend=backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, want_data = run(theirs, starts(torch.float32))
         got, got_data = run(ours, starts(torch.float32))
@@ -408,9 +416,9 @@ def test_estimators_ours_refuses():
 # ---- the critic: numbers and gradients -----------------------------------------------------------
 
 
-def value_pair(nets: Networks, **options):
+def value_pair(nets: Networks, backend="torch", **options):
     theirs = DreamerV3ValueLoss(nets.value, **options).double()
-    ours = FusedDreamerV3ValueLoss(nets.value, backend="torch", **options).double()
+    ours = FusedDreamerV3ValueLoss(nets.value, backend=backend, **options).double()
     return theirs, ours
 
 
@@ -424,12 +432,13 @@ def critic_params(loss):
     return [p for p in loss.value_model_params.values(True, True) if p.requires_grad]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("slow", [0.0, 1.0], ids=["no_slow", "slow"])
 @pytest.mark.parametrize("value_loss", ["two_hot", "symlog_mse"])
-def test_value_matches_torchrl(value_loss, slow, reduction):
+def test_value_matches_torchrl(value_loss, slow, reduction, backend):
     nets = networks(two_hot=value_loss == "two_hot")
-    theirs, ours = value_pair(nets, value_loss=value_loss, slow_critic_regularization=slow,
+    theirs, ours = value_pair(nets, backend, value_loss=value_loss, slow_critic_regularization=slow,
                               reduction=reduction)
     if slow:  # a slow critic that differs from the online one
         for loss in (theirs, ours):
@@ -494,14 +503,15 @@ def replay(dtype=F64, seed=5, B=2, T=6) -> TensorDict:
                  "done": done, "terminated": terminated}}, [B, T])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("slow", [0.0, 0.5], ids=["no_slow", "slow"])
 @pytest.mark.parametrize("value_loss", ["two_hot", "symlog_mse"])
-def test_replay_value_matches_torchrl(value_loss, slow, reduction):
+def test_replay_value_matches_torchrl(value_loss, slow, reduction, backend):
     """Against both of torchrl's TD(λ) paths: the loop it runs under torch.compile, to rounding,
     and the vectorised one it runs eagerly, which loses precision (≈1e-7 relative in float64)."""
     nets = networks(two_hot=value_loss == "two_hot")
-    theirs, ours = value_pair(nets, value_loss=value_loss, slow_critic_regularization=slow,
+    theirs, ours = value_pair(nets, backend, value_loss=value_loss, slow_critic_regularization=slow,
                               reduction=reduction)
     data = replay()
     got = ours.replay_value_loss(data, horizon=20.0, lmbda=0.8)
