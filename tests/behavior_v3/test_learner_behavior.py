@@ -17,6 +17,7 @@ trained by REINFORCE and a 255-bin critic decoded by SymExpTwoHot.
 from __future__ import annotations
 
 import copy
+import warnings
 from unittest import mock
 
 import pytest
@@ -46,6 +47,7 @@ STATE, BELIEF, OBS, EMBED, HIDDEN, BINS = 4, 8, 3, 8, 8, 255
 B, T, HORIZON, STEPS = 2, 3, 2, 3
 FEATURES = STATE + BELIEF
 F64 = torch.float64
+BACKENDS = ["torch", "triton"]
 #: Against torchrl's learner with its TD(λ) loop (what torchrl runs under torch.compile): float64
 #: results to rounding (torchrl computes the world model's continue term in float32: that
 #: metric to float32's tolerance).
@@ -83,7 +85,7 @@ class Concat(torch.nn.Module):
         return self.net(torch.cat([state, belief], -1))
 
 
-def learner(fused: bool, seed: int = 0, compiled: bool = False):
+def learner(fused: bool, seed: int = 0, compiled: bool = False, backend: str = "torch"):
     """(loss module, stepper) of torchrl's learner over torchrl's losses or ours, the networks
     initialised from ``seed`` (the same for both). ``compiled``: ``compile_train_step=True``,
     with the RSSM's explicit loop (``rssm_scan_unroll=None``: the scan is torchrl's world-model
@@ -139,7 +141,7 @@ def learner(fused: bool, seed: int = 0, compiled: bool = False):
     for module in (world_model, actor, value):
         module.to(F64)
 
-    backend = {"backend": "torch"} if fused else {}
+    backend = {"backend": backend} if fused else {}
     model_loss = (FusedDreamerV3ModelLoss if fused else DreamerV3ModelLoss)(
         world_model, reward_two_hot=False, detach_output=False, lambda_continue=1.0, **backend)
     model_loss.set_keys(pixels="observation")
@@ -176,11 +178,11 @@ def tolerance(tensor: torch.Tensor, tol: dict) -> dict:
     return tol if tensor.dtype == F64 else {}
 
 
-def train(fused: bool, compiled: bool, torchrl_loop: bool = True):
+def train(fused: bool, compiled: bool, torchrl_loop: bool = True, backend: str = "torch"):
     """The learner, its metrics after each of ``STEPS`` updates (from fixed seeds) and copies of
     its state dict before the first and after each."""
     torch._dynamo.reset()
-    loss_module, stepper = learner(fused, compiled=compiled)
+    loss_module, stepper = learner(fused, compiled=compiled, backend=backend)
     data = sample()
     states = [copy.deepcopy(loss_module.state_dict())]
     if compiled:
@@ -216,22 +218,39 @@ def assert_same_training(ours, theirs, tol) -> None:
                                          "net.0.bias"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("torchrl_loop,tol", [(True, EXACT), (False, LOOSE)],
                          ids=["torchrl_loop_td_lambda", "torchrl_vectorised_td_lambda"])
 @pytest.mark.filterwarnings("ignore:No target network updater:UserWarning")
-def test_eager_learner_matches_torchrl(torchrl_loop, tol):
-    assert_same_training(train(True, False), train(False, False, torchrl_loop), tol)
+def test_eager_learner_matches_torchrl(torchrl_loop, tol, backend):
+    assert_same_training(train(True, False, backend=backend), train(False, False, torchrl_loop),
+                         tol)
+
+
+@pytest.fixture(scope="module")
+def aot_eager():
+    """The stepper's ``torch.compile`` with the ``aot_eager`` backend: Dynamo traces the whole
+    step and AOTAutograd its forward and backward, as with Inductor, without Inductor's C++ code
+    generation (minutes more on a 2-core CPU)."""
+    compile_ = torch.compile
+    with mock.patch.object(torch, "compile", lambda fn, **kwargs: compile_(
+            fn, **{**kwargs, "backend": "aot_eager"})):
+        yield
+
+
+@pytest.fixture(scope="module")
+def torchrl_compiled(aot_eager):
+    """torchrl's learner compiled, trained once for the compiled tests."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "No target network updater", UserWarning)
+        return train(False, True)
 
 
 @pytest.mark.filterwarnings("ignore:No target network updater:UserWarning")
-def test_compiled_learner_matches_torchrl(monkeypatch):
+def test_compiled_learner_matches_torchrl(torchrl_compiled, aot_eager):
     """Both learners with ``compile_train_step=True`` (warmed up, as torchrl asks); torchrl's
     compiled step is not its eager step (its TanhNormal, among others, takes other paths under
-    torch.compile), so ours compiled is compared with torchrl's compiled. The stepper's
-    ``torch.compile`` runs with the ``aot_eager`` backend: Dynamo traces the whole step and
-    AOTAutograd its forward and backward, as with Inductor, without Inductor's C++ code
-    generation (minutes more on a 2-core CPU)."""
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile",
-                        lambda fn, **kwargs: compile_(fn, **{**kwargs, "backend": "aot_eager"}))
-    assert_same_training(train(True, True), train(False, True), EXACT)
+    torch.compile), so ours compiled is compared with torchrl's compiled (see ``aot_eager``).
+    The torch backend only: the triton one does not compile yet
+    (test_module_behavior.test_return_scale_compiles)."""
+    assert_same_training(train(True, True), torchrl_compiled, EXACT)
