@@ -160,7 +160,7 @@ def _select(values_ptr, n, ranks, KEY_BITS: tl.constexpr, VALUE: tl.constexpr,
     else:
         prefix = tl.zeros([4], tl.uint32)
     for p in tl.static_range(KEY_BITS // 8):
-        shift: tl.constexpr = KEY_BITS - 8 * (p + 1)
+        shift = KEY_BITS - 8 * (p + 1)
         hist = tl.zeros([4 * 256], tl.int32)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK).to(tl.int64)
