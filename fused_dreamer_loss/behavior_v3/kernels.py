@@ -836,8 +836,9 @@ RETURNS_KERNELS = machinery.register(machinery.LossKernels(
 def fused_lambda_returns(reward, next_value, continuation, root_continuation,
                          opts: ReturnOptions, shapes) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_dreamer_loss.behavior_v3.lambda_returns` on validated inputs."""
+    roots = None if root_continuation is None else root_continuation.detach()  # no gradient
     returns, weights = machinery.apply(RETURNS_KERNELS, opts, shapes,
-                                       (reward, next_value, continuation, root_continuation))
+                                       (reward, next_value, continuation, roots))
     return returns, weights.detach()
 
 
@@ -1113,8 +1114,8 @@ def _default_bins(num_bins: int, device: torch.device) -> torch.Tensor:
 def value_support(critic: CriticOptions, width: int, device: torch.device) -> torch.Tensor:
     """The two-hot bins on ``device``: the user's, or torchrl's default (built once per size and
     device in eager mode)."""
-    if critic.value_bins is not None:  # read flat by the kernels
-        return critic.value_bins.to(device=device).contiguous()
+    if critic.value_bins is not None:  # read flat by the kernels; no gradient
+        return critic.value_bins.detach().to(device=device).contiguous()
     if torch.compiler.is_compiling():
         return reference.default_bins(width, device)
     return _default_bins(width, device)

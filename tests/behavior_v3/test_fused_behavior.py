@@ -543,3 +543,22 @@ def test_inputs_are_not_modified(combo):
     sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
     for k, v in {**x, **rep}.items():
         assert torch.equal(v.detach(), before[k]), k
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_stopped_gradients_are_none(backend):
+    """Inputs whose gradient every term stops (the root continuations of the weights, the bins,
+    the slow critic, the replay flags and rewards) get none, even when they require grad: no
+    unwritten buffer is handed out."""
+    x, rep = _behavior_inputs("two_hot", (2, 2), 3)
+    stopped = [x["root_continuation"].requires_grad_(), x["slow_logits"].requires_grad_(),
+               rep["reward"].requires_grad_(), rep["slow_value"].requires_grad_()]
+    bins = torch.linspace(-20.0, 20.0, 9, requires_grad=True)
+    returns, _ = lambda_returns(x["reward"], x["next_value"], x["continuation"],
+                                x["root_continuation"], backend=backend)
+    low, high = torch.zeros(1), torch.zeros(1)
+    losses = _behavior(x, rep, backend, low, high, value_bins=bins,
+                       **BEHAVIOR_CONVENTIONS["torchrl-recipe"])
+    total = returns.sum() + sum(v for k, v in losses.items() if k.startswith("loss_"))
+    assert all(g is None for g in torch.autograd.grad(total, [*stopped, bins],
+                                                      allow_unused=True))
