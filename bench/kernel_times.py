@@ -8,10 +8,11 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fused_dreamer_loss import bench, dreamer_model_loss
+from fused_dreamer_loss import dreamer_model_loss
+from fused_dreamer_loss.bench.presets import DTYPES, make_inputs
 
-preset, dtype = sys.argv[1], bench.DTYPES[sys.argv[2]]
-inputs = bench.make_inputs(preset, dtype, "cuda", seed=0)
+preset, dtype = sys.argv[1], DTYPES[sys.argv[2]]
+inputs = make_inputs(preset, dtype, "cuda", seed=0)
 wanted = [t for t in inputs if t.requires_grad]
 ones = [torch.ones((), device="cuda", dtype=dtype)] * 3
 for _ in range(3):

@@ -9,19 +9,20 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fused_dreamer_loss import bench
+from fused_dreamer_loss.bench.peers import loss_fn
+from fused_dreamer_loss.bench.presets import DTYPES, PRESETS
 from fused_dreamer_loss.models import ConvWorldModel
 
 preset, dtype_name = sys.argv[1], sys.argv[2]
-batch, steps_, image, latent = bench.PRESETS[preset]
-dtype = bench.DTYPES[dtype_name]
+batch, steps_, image, latent = PRESETS[preset]
+dtype = DTYPES[dtype_name]
 pixels = torch.rand(batch, steps_, *image, device="cuda")
 reward = torch.randn(batch, steps_, 1, device="cuda")
 for impl in ("fused", "eager", "fused"):
     torch.manual_seed(0)
     model = ConvWorldModel(image, latent).cuda()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss = bench.loss_fn(impl, "l2")
+    loss = loss_fn(impl, "l2")
 
     def step():
         opt.zero_grad(set_to_none=True)

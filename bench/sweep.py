@@ -8,23 +8,24 @@ import itertools
 import torch
 from triton.testing import do_bench
 
-from fused_dreamer_loss import bench, dreamer_model_loss
+from fused_dreamer_loss import dreamer_model_loss
+from fused_dreamer_loss.bench.presets import DTYPES, PRESETS, make_inputs, minimal_bytes
+from fused_dreamer_loss.bench.timing import copy_gbps, graphed, step_fn
 from fused_dreamer_loss.world_model_v1 import kernels as k
 
 TILE_BYTES = (8192, 16384, 32768)
 WARPS = (4, 8, 16)
 CASES = (("small", "float32"), ("default", "float32"), ("default", "bfloat16"))
 
-copy = bench.copy_gbps()
+copy = copy_gbps()
 print(f"copy {copy:.0f} GB/s")
 for preset, dtype in CASES:
-    sets = [bench.make_inputs(preset, bench.DTYPES[dtype], "cuda", seed) for seed in range(3)]
-    batch, steps, image, latent = bench.PRESETS[preset]
-    nbytes = bench.minimal_bytes(batch * steps, 12288, latent, bench.DTYPES[dtype].itemsize,
-                                 "fwd+bwd")
+    sets = [make_inputs(preset, DTYPES[dtype], "cuda", seed) for seed in range(3)]
+    batch, steps, image, latent = PRESETS[preset]
+    nbytes = minimal_bytes(batch * steps, 12288, latent, DTYPES[dtype].itemsize, "fwd+bwd")
     for tile, warps in itertools.product(TILE_BYTES, WARPS):
         k.IMAGE_TILE_BYTES, k.NUM_WARPS = tile, warps
-        replays = [bench.graphed(bench.step_fn(dreamer_model_loss, s, "fwd+bwd")) for s in sets]
+        replays = [graphed(step_fn(dreamer_model_loss, s, "fwd+bwd")) for s in sets]
         turn = [0]
 
         def rotate():

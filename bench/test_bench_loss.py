@@ -11,19 +11,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_dreamer_loss import bench
+from fused_dreamer_loss.bench.losses import V1Case, V3Case
+from fused_dreamer_loss.bench.presets import DEFAULT_CONVENTION, IMPLS, MODES
+from fused_dreamer_loss.bench.timing import step_fn
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 CASES = [
-    (bench.V1Case("l2"), ["small", "default"] if CUDA else ["tiny"]),
-    (bench.V3Case(bench.DEFAULT_CONVENTION, "l2"), ["v3", "v3-large"] if CUDA else ["v3-tiny"]),
+    (V1Case("l2"), ["small", "default"] if CUDA else ["tiny"]),
+    (V3Case(DEFAULT_CONVENTION, "l2"), ["v3", "v3-large"] if CUDA else ["v3-tiny"]),
 ]
 PARAMS = [(case, preset) for case, presets in CASES for preset in presets]
 
 
-@pytest.mark.parametrize("mode", bench.MODES)
-@pytest.mark.parametrize("impl", bench.IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case,preset", PARAMS, ids=[f"{c.loss}-{p}" for c, p in PARAMS])
 def test_loss(benchmark, case, preset, impl, mode):
     if impl == "fused" and not CUDA:
@@ -31,7 +33,7 @@ def test_loss(benchmark, case, preset, impl, mode):
     if impl == "torchrl":
         pytest.importorskip("torchrl")
     inputs = case.inputs(preset, torch.float32, DEVICE, seed=0)
-    step = bench.step_fn(case.fn(impl, DEVICE), inputs, mode)
+    step = step_fn(case.fn(impl, DEVICE), inputs, mode)
     step()  # compile / warm up outside the timing
 
     def run():

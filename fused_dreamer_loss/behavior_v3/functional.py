@@ -498,8 +498,8 @@ def _actor_tensors(opts: ActorOptions, returns, weights, scale, baseline, log_pr
 
 def _replay_tensors(opts: CriticOptions, value_pred, reward, done, terminated, bootstrap,
                     slow_value) -> dict:
-    return dict(replay_pred=value_pred, replay_reward=reward.detach(), replay_done=done,
-                replay_terminated=terminated, bootstrap=bootstrap.detach(),
+    return dict(replay_pred=value_pred, replay_reward=reward.detach(), replay_done=done.detach(),
+                replay_terminated=terminated.detach(), bootstrap=bootstrap.detach(),
                 replay_slow=_detach(slow_value) if opts.has_slow else None)
 
 

@@ -160,7 +160,7 @@ def _select(values_ptr, n, ranks, KEY_BITS: tl.constexpr, VALUE: tl.constexpr,
     else:
         prefix = tl.zeros([4], tl.uint32)
     for p in tl.static_range(KEY_BITS // 8):
-        shift: tl.constexpr = KEY_BITS - 8 * (p + 1)
+        shift = KEY_BITS - 8 * (p + 1)
         hist = tl.zeros([4 * 256], tl.int32)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -221,7 +221,7 @@ def _quantiles(values_ptr, n, q_lo, q_hi, KEY_BITS: tl.constexpr, VALUE: tl.cons
 @triton.jit
 def _returns_kernel(
     reward_ptr, value_ptr, cont_ptr, root_ptr, returns_ptr, weights_ptr, low_ptr, high_ptr,
-    scale_ptr, n_starts, H, n_values,
+    low_out_ptr, high_out_ptr, scale_ptr, n_starts, H, n_values,
     gamma: "fp64", lmbda: "fp64", one_minus_lmbda: "fp64", q_lo: "fp64", q_hi: "fp64",
     rate: "fp64", min_scale: "fp64",
     SCAN: tl.constexpr, SCALE: tl.constexpr, HAS_CONT: tl.constexpr, HAS_ROOT: tl.constexpr,
@@ -229,8 +229,9 @@ def _returns_kernel(
     SCAN_BLOCK: tl.constexpr, SELECT_BLOCK: tl.constexpr, ACC: tl.constexpr, BUF: tl.constexpr,
 ):
     """With SCALE_NONE, a grid of scan tiles; otherwise one program: the scan of every tile (when
-    SCAN), then the quantiles of ``returns_ptr[:n_values]`` and the EMA (SCALE_UPDATE), and the
-    scale (1 with SCALE_ONE)."""
+    SCAN), then the quantiles of ``returns_ptr[:n_values]`` and the EMA (SCALE_UPDATE: into
+    ``low_out`` / ``high_out``, the statistics themselves in eager mode), and the scale (1 with
+    SCALE_ONE)."""
     g = scalar(gamma, ACC)
     lam = scalar(lmbda, ACC)
     one_minus = scalar(one_minus_lmbda, ACC)
@@ -257,8 +258,8 @@ def _returns_kernel(
             r = scalar(rate, BUF)
             low = _lerp(low, batch_low, r)
             high = _lerp(high, batch_high, r)
-            tl.store(low_ptr, low.to(low_ptr.dtype.element_ty))
-            tl.store(high_ptr, high.to(high_ptr.dtype.element_ty))
+            tl.store(low_out_ptr, low.to(low_out_ptr.dtype.element_ty))
+            tl.store(high_out_ptr, high.to(high_out_ptr.dtype.element_ty))
         span = high - low
         floor = scalar(min_scale, BUF)
         tl.store(scale_ptr, tl.where(span < floor, floor, span))  # torch's clamp: NaN stays NaN
@@ -666,47 +667,46 @@ def _scale_mode(scale: Optional[ScaleOptions]) -> int:
 
 
 def _returns_outputs(reward, next_value, continuation, root, values, low, ints):
-    """The returns kernel's outputs, unwritten: ``[scale]`` and, when scanning,
-    ``[returns, weights]`` before it (float32, or float64 for a float64 input)."""
+    """The returns kernel's outputs, unwritten: ``(returns, weights, scale)``, the first two in
+    float32 (float64 for a float64 input), empty without a scan, the scale empty with
+    SCALE_NONE."""
     scan, mode = ints[0], ints[1]
-    outs = []
-    if scan:
-        dtype = acc_dtype(reward, next_value, continuation, root)[0]
-        outs = [torch.empty(reward.shape, dtype=dtype, device=reward.device) for _ in range(2)]
-    if mode == SCALE_NONE:
-        return outs
-    dtype = outs[0].dtype if mode == SCALE_ONE else low.dtype
-    return [*outs, torch.empty((), dtype=dtype, device=low.device)]
+    like = reward if scan else values
+    dtype = acc_dtype(reward, next_value, continuation, root)[0] if scan else values.dtype
+    shape = reward.shape if scan else (0,)
+    returns, weights = (torch.empty(shape, dtype=dtype, device=like.device) for _ in range(2))
+    scale_dtype = dtype if mode == SCALE_ONE else low.dtype
+    scale = torch.empty(() if mode != SCALE_NONE else (0,), dtype=scale_dtype, device=low.device)
+    return returns, weights, scale
 
 
 def _launch_returns(reward: Optional[torch.Tensor], next_value: Optional[torch.Tensor],
                     continuation: Optional[torch.Tensor], root: Optional[torch.Tensor],
                     values: Optional[torch.Tensor], low: torch.Tensor, high: torch.Tensor,
-                    floats: list[float], ints: list[int]) -> list[torch.Tensor]:
-    """The returns kernel: ``[returns, weights]`` of the rollout (when ``reward`` is given) and
-    ``[scale]`` (unless SCALE_NONE), updating ``low`` and ``high`` in place with SCALE_UPDATE.
-    Without a rollout the quantiles are those of ``values``."""
+                    floats: list[float], ints: list[int], low_out: torch.Tensor,
+                    high_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The returns kernel: ``(returns, weights, scale)`` (see :func:`_returns_outputs`), the
+    returns and weights of the rollout when ``reward`` is given; with SCALE_UPDATE the updated
+    statistics into ``low_out`` and ``high_out``. Without a rollout the quantiles are those of
+    ``values``."""
     scan, mode, discount, weights_code = ints
     outs = _returns_outputs(reward, next_value, continuation, root, values, low, ints)
     if scan:
         returns, weights = outs[0], outs[1]
         H = reward.shape[-2]
         n_starts = reward.numel() // H
-        source = returns
         flat = [_flat(t) for t in (reward, next_value, continuation, root)]
     else:
-        source = _flat(values)
-        returns = weights = source
+        returns = weights = _flat(values)  # read, not written
         H, n_starts = 1, 0
-        flat = [source, source, None, None]
-    dummy = source
-    scale = outs[-1] if mode != SCALE_NONE else returns
+        flat = [returns, returns, None, None]
+    scale = outs[2] if mode != SCALE_NONE else returns
     buf = low.dtype if mode >= SCALE_READ else scale.dtype
     grid = (triton.cdiv(n_starts, SCAN_BLOCK),) if mode == SCALE_NONE else (1,)
-    with machinery.on_device(source):
+    with machinery.on_device(returns):
         _returns_kernel[grid](
-            *(dummy if t is None else t for t in flat), returns, weights, low, high, scale,
-            n_starts, H, source.numel(), *floats,
+            *(returns if t is None else t for t in flat), returns, weights, low, high, low_out,
+            high_out, scale, n_starts, H, returns.numel(), *floats,
             SCAN=bool(scan), SCALE=mode, HAS_CONT=flat[2] is not None,
             HAS_ROOT=flat[3] is not None, DISCOUNT=bool(discount), WEIGHTS=weights_code,
             KEY_BITS=64 if buf == torch.float64 else 32, SCAN_BLOCK=SCAN_BLOCK,
@@ -716,27 +716,50 @@ def _launch_returns(reward: Optional[torch.Tensor], next_value: Optional[torch.T
     return outs
 
 
-def _launch_returns_fake(reward, next_value, continuation, root, values, low, high, floats,
-                         ints):
-    return _returns_outputs(reward, next_value, continuation, root, values, low, ints)
+def _returns_functional(reward: Optional[torch.Tensor], next_value: Optional[torch.Tensor],
+                        continuation: Optional[torch.Tensor], root: Optional[torch.Tensor],
+                        values: Optional[torch.Tensor], low: torch.Tensor, high: torch.Tensor,
+                        floats: list[float], ints: list[int]) -> list[torch.Tensor]:
+    """The returns kernel writing nothing it reads: ``(returns, weights, scale, low', high')``,
+    the updated statistics in fresh tensors (written with SCALE_UPDATE only)."""
+    new_low, new_high = torch.empty_like(low), torch.empty_like(high)
+    outs = _launch_returns(reward, next_value, continuation, root, values, low, high, floats,
+                           ints, new_low, new_high)
+    return [*outs, new_low, new_high]
 
 
-# How torch.compile sees the returns kernel: opaque, writing the two statistics in place.
-returns_op = torch.library.custom_op("fused_dreamer_loss::behavior_returns", _launch_returns,
-                                     mutates_args=("low", "high"))
-returns_op.register_fake(_launch_returns_fake)
+def _returns_functional_fake(reward, next_value, continuation, root, values, low, high, floats,
+                             ints):
+    outs = _returns_outputs(reward, next_value, continuation, root, values, low, ints)
+    return [*outs, torch.empty_like(low), torch.empty_like(high)]
+
+
+# How torch.compile sees the returns kernel: a functional op, its updated statistics copied into
+# the buffers after it (declaring the op as mutating them instead lets inductor hand out the
+# buffer itself for a later ``low.clone()``, torch 2.13).
+returns_op = torch.library.custom_op("fused_dreamer_loss::behavior_returns", _returns_functional,
+                                     mutates_args=())
+returns_op.register_fake(_returns_functional_fake)
 
 
 def launch_returns(reward, next_value, continuation, root, values, low, high,
                    returns: Optional[ReturnOptions], scale: Optional[ScaleOptions],
-                   grid: bool = False) -> list[torch.Tensor]:
-    """The returns kernel on validated inputs (see :func:`_launch_returns`); ``grid``: the scan
+                   grid: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The returns kernel on validated inputs (see :func:`_launch_returns`), the statistics
+    updated in place (by the kernel; under torch.compile by a copy after it); ``grid``: the scan
     alone, over a grid of start tiles."""
     ints = _returns_ints(returns, SCALE_NONE if grid else _scale_mode(scale))
     floats = _returns_floats(returns, scale)
-    run = returns_op if torch.compiler.is_compiling() else _launch_returns
     with torch.no_grad():
-        return run(reward, next_value, continuation, root, values, low, high, floats, ints)
+        if not torch.compiler.is_compiling():
+            return _launch_returns(reward, next_value, continuation, root, values, low, high,
+                                   floats, ints, low, high)
+        *outs, new_low, new_high = returns_op(reward, next_value, continuation, root, values,
+                                              low, high, floats, ints)
+        if ints[1] == SCALE_UPDATE:
+            low.copy_(new_low)
+            high.copy_(new_high)
+        return tuple(outs)
 
 
 def fused_return_scale(returns: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
@@ -746,7 +769,7 @@ def fused_return_scale(returns: torch.Tensor, low: torch.Tensor, high: torch.Ten
     values = returns.detach().reshape(-1)
     if process_group is not None and opts.update:
         values = reference.gather_returns(values.to(low.dtype), process_group)
-    return launch_returns(None, None, None, None, values, low, high, None, opts)[0]
+    return launch_returns(None, None, None, None, values, low, high, None, opts)[2]
 
 
 # ---- λ-returns as a fused loss: the scan forward, the adjoint scan backward --------------------
@@ -757,14 +780,15 @@ REWARD_IN, VALUE_IN, CONT_IN, ROOT_IN = range(4)
 def _returns_forward(inputs, floats, ints, needs):
     """``[returns, weights, keep, *grads]``: the grads unwritten (the backward writes them: they
     depend on the upstream gradient of every return)."""
-    returns, weights = _launch_returns(*inputs, None, inputs[REWARD_IN], inputs[REWARD_IN],
-                                       floats, [1, SCALE_NONE, *ints[2:4]])
+    anchor = inputs[REWARD_IN]
+    returns, weights, _ = _launch_returns(*inputs, None, anchor, anchor, floats,
+                                          [1, SCALE_NONE, *ints[2:4]], anchor, anchor)
     keep = torch.empty(2, dtype=returns.dtype, device=returns.device)
     return [returns, weights, keep, *(_returns_grad(inputs, i) for i, n in enumerate(needs) if n)]
 
 
 def _returns_forward_fake(inputs, floats, ints, needs):
-    outs = _returns_outputs(*inputs, None, inputs[REWARD_IN], [1, SCALE_NONE])
+    outs = _returns_outputs(*inputs, None, inputs[REWARD_IN], [1, SCALE_NONE])[:2]
     keep = torch.empty(2, dtype=outs[0].dtype, device=outs[0].device)
     return [*outs, keep, *(_returns_grad(inputs, i) for i, n in enumerate(needs) if n)]
 
@@ -812,8 +836,9 @@ RETURNS_KERNELS = machinery.register(machinery.LossKernels(
 def fused_lambda_returns(reward, next_value, continuation, root_continuation,
                          opts: ReturnOptions, shapes) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_dreamer_loss.behavior_v3.lambda_returns` on validated inputs."""
+    roots = None if root_continuation is None else root_continuation.detach()  # no gradient
     returns, weights = machinery.apply(RETURNS_KERNELS, opts, shapes,
-                                       (reward, next_value, continuation, root_continuation))
+                                       (reward, next_value, continuation, roots))
     return returns, weights.detach()
 
 
@@ -941,7 +966,7 @@ class _Call:
     def __init__(self, inputs: Sequence[Optional[torch.Tensor]], o: _Options,
                  grads: Sequence[Optional[torch.Tensor]]):
         f = o.flags
-        flat = [_flat(t) for t in inputs]
+        flat = [t if i == BOOTSTRAP else _flat(t) for i, t in enumerate(inputs)]  # strided
         anchor = next(t for t in flat if t is not None)
         ptr = [anchor if t is None else t for t in flat]
         gptr = [anchor if g is None else g for g in grads]
@@ -1089,8 +1114,8 @@ def _default_bins(num_bins: int, device: torch.device) -> torch.Tensor:
 def value_support(critic: CriticOptions, width: int, device: torch.device) -> torch.Tensor:
     """The two-hot bins on ``device``: the user's, or torchrl's default (built once per size and
     device in eager mode)."""
-    if critic.value_bins is not None:  # read flat by the kernels
-        return critic.value_bins.to(device=device).contiguous()
+    if critic.value_bins is not None:  # read flat by the kernels; no gradient
+        return critic.value_bins.detach().to(device=device).contiguous()
     if torch.compiler.is_compiling():
         return reference.default_bins(width, device)
     return _default_bins(width, device)

@@ -180,9 +180,10 @@ def actor_loss(returns: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor
 
 def value_support(opts: CriticOptions, width: int, device: torch.device,
                   dtype: torch.dtype) -> torch.Tensor:
-    """The two-hot bins in raw values: the user's, or torchrl's default of ``width`` bins."""
+    """The two-hot bins in raw values, detached (a support, as torchrl's buffer): the user's, or
+    torchrl's default of ``width`` bins."""
     bins = opts.value_bins if opts.value_bins is not None else default_bins(width, device)
-    return bins.to(device=device, dtype=dtype)
+    return bins.detach().to(device=device, dtype=dtype)
 
 
 def decode(logits: torch.Tensor, bins: torch.Tensor, space: str) -> torch.Tensor:
