@@ -301,10 +301,7 @@ def test_bf16_autocast_gives_torchrl_dtypes(backend):
         assert got_data[key].dtype == want_data[key].dtype, key
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.xfail(
-    strict=True, raises=torch._dynamo.exc.BackendCompilerFailed,
-    reason="AOTAutograd cannot functionalise the custom op fused_dreamer_loss::behavior_returns "
-           "(it mutates low / high): return_scale with backend='triton' does not compile"))])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_return_scale_compiles(backend):
     """The actor's EMA update and scale under ``torch.compile(fullgraph=True)``, as in a compiled
     learner step: the scale and the updated buffers equal the eager call's."""
