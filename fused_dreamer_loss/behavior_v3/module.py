@@ -114,23 +114,30 @@ class FusedDreamerV3ActorLoss(DreamerV3ActorLoss):
     updated on the device in training mode only) and the REINFORCE or reparameterised objective
     with the entropy bonus
     (:func:`~fused_dreamer_loss.behavior_v3.functional.dreamer_v3_actor_loss`) are the
-    functional API's. γ and λ are the value estimator's (TD(λ) by default; TD(0) and TD(1) are
-    λ = 0 and 1).
+    functional API's.
+
+    γ and λ are torchrl's: with a continuation model, its recursion with the value estimator's
+    ``gamma`` and ``lmbda``; without one, the value estimator's own estimate, which with the
+    estimator's default ``time_dim`` runs along the trailing singleton dim of the returns (torchrl
+    0.14.1): each step's target is then the one-step ``r + γ·v``; make the estimator with
+    ``time_dim=-2`` (in both modules) for λ-returns along the horizon. TD(0), TD(1) and TD(λ)
+    estimators are supported; another estimator, one with ``average_rewards`` (without a
+    continuation model) or another ``time_dim`` raises a ``NotImplementedError``.
 
     Where it differs from torchrl's:
 
     - the REINFORCE baseline of the states 1 … H−1 is the critic's value of the next states
-      0 … H−2, which are the same states (torchrl evaluates the critic on them twice); only the
-      start states are valued again;
+      0 … H−2, which are the same states (torchrl evaluates the critic on them twice, with the
+      same numbers); only the start states are valued again;
     - γ and λ are read from the value estimator once, when the loss first uses it (and again
-      after another estimator is made or set, or a state dict is loaded), not on every call,
-      which would synchronise the host with the device: change them with
-      ``make_value_estimator``, not by writing the estimator's buffers in place;
-    - with a TD(0) or TD(1) estimator and a continuation model it computes their returns (torchrl
-      raises, reading the estimator's ``lmbda``); an estimator with ``average_rewards`` is
-      refused when no continuation model is given (torchrl standardises the rewards then);
+      after ``make_value_estimator`` or ``load_state_dict``), not on every call, which would
+      synchronise the host with the device: change them with ``make_value_estimator``, not by
+      writing the estimator's buffers in place;
     - the losses are computed in float32 (float64 for float64 inputs) and returned in the dtype
-      torchrl's arithmetic would give them (autocast included), never in bf16 arithmetic.
+      torchrl's arithmetic would give them (autocast included), never in bf16 arithmetic; where
+      torchrl's vectorised TD(λ) estimate runs (no continuation model, ``time_dim=-2``), ours is
+      the exact recursion (torchrl's is off by ≈1e-8 relative in float64);
+    - options are checked at construction, with errors naming the argument.
 
     Args:
         actor_model (TensorDictModule): the policy (a probabilistic module with ``get_dist``).
@@ -432,10 +439,16 @@ class FusedDreamerV3ValueLoss(DreamerV3ValueLoss):
     (:func:`~fused_dreamer_loss.behavior_v3.functional.replay_value_loss`), with no host
     synchronisation (torchrl's syncs to find the episodes).
 
-    Where it differs from torchrl's: the losses are computed in float32 (float64 for float64
-    inputs) and returned in the dtype torchrl's arithmetic would give them; without discount
-    weights in the data and with ``actor_loss=``, the actor's γ is used as a tensor (torchrl reads
-    it to the host).
+    Where it differs from torchrl's:
+
+    - the replay TD(λ) is the recursion torchrl runs under torch.compile, with no host sync; its
+      eager, vectorised estimate syncs (``nonzero``, ``.item()``) and is off by ≈1e-8 relative in
+      float64;
+    - without discount weights in the data and with ``actor_loss=``, the actor's γ is used as the
+      estimator's tensor (torchrl reads it to the host);
+    - the losses are computed in float32 (float64 for float64 inputs) and returned in the dtype
+      torchrl's arithmetic would give them;
+    - options are checked at construction, with errors naming the argument.
 
     Args:
         value_model (TensorDictModule): the critic: logits under ``value_logits`` and the decoded
