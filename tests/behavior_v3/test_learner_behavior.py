@@ -42,12 +42,11 @@ from torchrl.trainers.algorithms import (DreamerV3OptimizationStepper,  # noqa: 
 from fused_dreamer_loss import FusedDreamerV3ModelLoss  # noqa: E402
 from fused_dreamer_loss.behavior_v3.module import (FusedDreamerV3ActorLoss,  # noqa: E402
                                                    FusedDreamerV3ValueLoss)
+from tests.behavior_v3.test_module_behavior import BACKENDS, F64, one_thread  # noqa: E402, F401
 
 STATE, BELIEF, OBS, EMBED, HIDDEN, BINS = 4, 8, 3, 8, 8, 255
 B, T, HORIZON, STEPS = 2, 3, 2, 3
 FEATURES = STATE + BELIEF
-F64 = torch.float64
-BACKENDS = ["torch", "triton"]
 #: Against torchrl's learner with its TD(λ) loop (what torchrl runs under torch.compile): float64
 #: results to rounding (torchrl computes the world model's continue term in float32: that
 #: metric to float32's tolerance).
@@ -55,14 +54,6 @@ EXACT = {"rtol": 1e-12, "atol": 1e-14}
 #: Against torchrl's eager learner, whose vectorised TD(λ) for the replay value is off by ≈1e-8
 #: relative in float64 (test_module_behavior), through the optimizer's float32 moments.
 LOOSE = {"rtol": 1e-6, "atol": 1e-9}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 class Sigmoid(torch.nn.Module):
