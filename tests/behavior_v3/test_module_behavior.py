@@ -48,7 +48,7 @@ F64 = torch.float64
 BACKENDS = ["torch", "triton"]
 #: float64 on both sides: the modules agree to rounding.
 EXACT = {"rtol": 1e-10, "atol": 1e-12}
-#: Against torchrl's vectorised TD(λ) estimate, which is off by ≈1e-8 – 1e-7 relative in float64
+#: Against torchrl's vectorised TD(λ) estimate, off by ≈1e-8 – 1e-7 relative in float64
 #: (its loop, which torchrl runs under torch.compile, agrees with ours to rounding).
 VECTORISED = {"rtol": 1e-6, "atol": 1e-6}
 
@@ -369,7 +369,8 @@ def test_reinforce_values_the_rollout_once():
     (ValueEstimators.TD1, {"gamma": 0.7, "time_dim": -2}),
     (ValueEstimators.TD1, {}),
     (ValueEstimators.TD0, {"gamma": 0.95}),
-], ids=lambda x: x.name if isinstance(x, ValueEstimators) else ",".join(f"{k}={v}" for k, v in x.items()))
+], ids=lambda x: x.name if isinstance(x, ValueEstimators)
+   else ",".join(f"{k}={v}" for k, v in x.items()))
 def test_value_estimators_without_continuation_match_torchrl(estimator, hyper):
     """Without a continuation model torchrl takes its estimator's value estimate; where the
     estimator's ``time_dim`` is unset that is a one-step return ``r + γ·v`` per step. Its
