@@ -26,14 +26,6 @@ KEYS = ("reward", "next_value", "continuation", "baseline", "log_prob", "entropy
 LOSSES = ("loss_actor", "loss_value", "loss_replay_value")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _leaves(x, rep):
     return [x[k] for k in KEYS] + [rep["value_pred"]]
 

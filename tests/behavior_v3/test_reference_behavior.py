@@ -30,14 +30,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:No target network updater")
 SHAPES = [((4,), 5), ((3,), 1), ((2, 3), 4), ((7,), 15)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trl():
     """torchrl's DreamerV3 objectives module (skips where torchrl is missing)."""
