@@ -261,7 +261,8 @@ def dreamer_v3_value_loss(
         slow_value: the slow critic's decoded value ``[*B, H, 1]``, or its logits ``[*B, H, R]``
             (decoded as the expectation over the bins); needed when the regulariser is on.
         slow_critic_regularization: the regulariser's weight (non-negative; on when non-zero).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (torchrl's).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (torchrl's; ``"none"``, per step, runs
+            the reference on every backend).
         two_hot_space: ``"raw"`` (torchrl, the 2024 reference, r2dreamer) or ``"symlog"``
             (the 2023 reference, dreamerv3-torch, SheepRL: bins, targets and the slow decode in
             symlog space).

@@ -2,7 +2,8 @@
 
 The terms of :mod:`fused_dreamer_loss.behavior_v3.reference`, in its order, with their
 gradients; the finalize, the autograd.Function and the custom ops are the shared ones of
-:mod:`fused_dreamer_loss.core.machinery` (plus one custom op here, for the in-place EMA).
+:mod:`fused_dreamer_loss.core.machinery`, plus one custom op here for the returns kernel (it is no
+autograd function: the returns it hands the terms are constants there).
 
 Launches of :func:`~fused_dreamer_loss.behavior_v3.dreamer_v3_behavior_loss` (any shape):
 

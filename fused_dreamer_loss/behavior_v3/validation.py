@@ -15,16 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.validation import FLOAT_DTYPES, check_bool, check_choice, check_real
+from ..core.validation import (FLOAT_DTYPES, MIN_BINS, check_bins, check_bool, check_choice,
+                               check_real)
 
 #: How the cumulative discount weights start (see :func:`reference.discount_weights`).
 DISCOUNT_WEIGHTS = ("inclusive", "inclusive_gamma", "exclusive")
 VALUE_LOSSES = ("symlog_mse", "two_hot")
 REDUCTIONS = ("mean", "sum", "none")
 TWO_HOT_SPACES = ("raw", "symlog")
-MIN_VALUE_BINS = 2
-# Error messages list bad value_bins up to this many values.
-_BINS_SHOWN = 16
+MIN_VALUE_BINS = MIN_BINS
 
 
 # ---- options -------------------------------------------------------------------------------------
@@ -140,7 +139,7 @@ class CriticOptions:
         if self.value_bins is not None:
             if self.value_loss != "two_hot":
                 raise ValueError("value_bins is used only with value_loss='two_hot'")
-            object.__setattr__(self, "value_bins", _check_value_bins(self.value_bins))
+            object.__setattr__(self, "value_bins", check_bins("value_bins", self.value_bins))
 
     @property
     def two_hot(self) -> bool:
@@ -168,34 +167,6 @@ class ReplayOptions:
     @property
     def gamma(self) -> float:
         return 1.0 - 1.0 / self.horizon
-
-
-def _check_value_bins(value: object) -> torch.Tensor:
-    """``value_bins`` as a 1-D real tensor of at least two strictly ascending finite values (read
-    only from a Python sequence or a CPU tensor, outside ``torch.compile``)."""
-    if isinstance(value, torch.Tensor):
-        bins = value
-        if bins.dtype == torch.bool or bins.is_complex():
-            raise TypeError(f"value_bins must hold real numbers, got dtype {bins.dtype}")
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        try:
-            bins = torch.tensor(value, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"value_bins must be a sequence of real numbers: {exc}") from exc
-    else:
-        raise TypeError(
-            f"value_bins must be a 1-D tensor or a sequence of numbers, got {type(value).__name__}")
-    if bins.dim() != 1 or bins.numel() < MIN_VALUE_BINS:
-        raise ValueError(f"value_bins must be 1-D with at least {MIN_VALUE_BINS} values, got "
-                         f"shape {tuple(bins.shape)}")
-    if bins.device.type == "cpu" and not torch.compiler.is_compiling():
-        values = bins.double()
-        if not bool(torch.isfinite(values).all()) or not bool((values[1:] > values[:-1]).all()):
-            raise ValueError(
-                f"value_bins must be finite and strictly ascending, got {values.tolist()}"
-                if values.numel() <= _BINS_SHOWN else
-                f"value_bins must be finite and strictly ascending ({values.numel()} values)")
-    return bins
 
 
 # ---- tensors -------------------------------------------------------------------------------------

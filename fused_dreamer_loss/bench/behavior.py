@@ -31,15 +31,12 @@ import torch.utils._python_dispatch
 
 from ..behavior_v3 import BEHAVIOR_CONVENTIONS, dreamer_v3_behavior_loss
 from . import peers
-from .presets import DTYPES, IMPLS
+from .presets import BEHAVIOR_PRESETS, DEFAULT_BEHAVIOR_CONVENTION, DTYPES, IMPLS
 from .report import Row
-from .timing import count_launches_into, interpreting, step_fn, time_into, unavailable
+from .timing import interpreting, step_fn
+from .workloads import run_config
 
-#: name: (replay batch, replay time, horizon H, critic bins R); the imagination starts from every
-#: replay state: N = batch × time.
-BEHAVIOR_PRESETS = {"behavior-tiny": (2, 4, 5, 255), "behavior": (16, 64, 15, 255),
-                    "behavior-large": (64, 64, 15, 255)}
-DEFAULT_CONVENTION = "torchrl-recipe"
+DEFAULT_CONVENTION = DEFAULT_BEHAVIOR_CONVENTION
 #: This module, as ``python -m`` runs it.
 MODULE = "fused_dreamer_loss.bench.behavior"
 #: The conventions torchrl's code computes (the others switch knobs it lacks).
@@ -259,30 +256,13 @@ class BehaviorCase:
 
 def measure(case: BehaviorCase, impl: str, preset: str, dtype_name: str, mode: str,
             device: str) -> Row:
-    """One row: launches and host syncs of one step of ``impl``; the fused result checked; on
-    CUDA the time (median over three input sets in rotation)."""
-    row = case.row(impl, preset, dtype_name, mode)
-    cuda = device == "cuda"
-    why_not = unavailable(case, impl, cuda)
-    if why_not:
-        row.status = why_not
-        return row
-    sets = [case.inputs(preset, DTYPES[dtype_name], device, seed) for seed in range(3 if cuda
-                                                                                    else 1)]
-    if impl == "fused":
-        wrong = case.check(sets[0])
-        if wrong:
-            row.status = f"wrong: {wrong}"
-            return row
-    fn = case.fn(impl, device)
-    steps = [step_fn(fn, inputs, mode) for inputs in sets]
-    steps[0]()  # warm up (compiles, builds the default bins): not a step's launches
-    count_launches_into(row, steps[0], cuda)
-    row.extra["host_syncs"], row.extra["syncing_ops"] = count_syncs(steps[0])
-    if cuda:
-        time_into(row, steps, cuda)
-    elif impl == "fused":
-        row.status = "correct (interpreter); not timed (needs a CUDA GPU)"
+    """One row of the loss workload (:func:`.workloads.run_config`: the fused result checked,
+    launches counted, timed on CUDA) with the host syncs of one more step."""
+    row = run_config(impl, preset, dtype_name, mode, case, device, None)
+    if row.status.startswith(("ok", "correct")):
+        inputs = case.inputs(preset, DTYPES[dtype_name], device, 0)
+        row.extra["host_syncs"], row.extra["syncing_ops"] = count_syncs(
+            step_fn(case.fn(impl, device), inputs, mode))
     return row
 
 

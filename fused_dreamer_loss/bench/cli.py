@@ -14,7 +14,7 @@ import torch
 
 from ..behavior_v3.conventions import BEHAVIOR_CONVENTIONS
 from ..world_model_v3.conventions import V3_CONVENTIONS
-from .behavior import DEFAULT_CONVENTION as BEHAVIOR_DEFAULT
+from .presets import DEFAULT_BEHAVIOR_CONVENTION as BEHAVIOR_DEFAULT
 from .presets import DEFAULT_CONVENTION, DISTANCES, DTYPES, IMPLS, MODES
 from .registry import LOSSES, WORKLOADS
 from .report import failures, footnotes, markdown, plot

@@ -10,9 +10,9 @@ from typing import Callable
 
 from ..behavior_v3.conventions import BEHAVIOR_CONVENTIONS
 from ..world_model_v3.conventions import V3_CONVENTIONS
-from . import behavior
 from .losses import Case, V1Case, V3Case
-from .presets import DEFAULT_CONVENTION, PRESETS, V3_PRESETS
+from .presets import (BEHAVIOR_PRESETS, DEFAULT_BEHAVIOR_CONVENTION, DEFAULT_CONVENTION, PRESETS,
+                      V3_PRESETS)
 from .report import Row
 from .workloads import Run, loss_rows, train_step_rows
 
@@ -72,10 +72,15 @@ def _settle_v3(args: argparse.Namespace) -> str | None:
 def _settle_behavior(args: argparse.Namespace) -> str | None:
     if args.reco_loss != "l2":
         return "--reco-loss: the world-model losses' option, not --loss v3-behavior's"
-    args.convention = args.convention or behavior.DEFAULT_CONVENTION
+    args.convention = args.convention or DEFAULT_BEHAVIOR_CONVENTION
     if args.convention not in BEHAVIOR_CONVENTIONS:
         return f"--convention {args.convention}: not a behaviour-loss convention"
     return None
+
+
+def _behavior_case(args: argparse.Namespace) -> Case:
+    from .behavior import BehaviorCase  # imported when used: ``python -m`` runs that module too
+    return BehaviorCase(args.convention)
 
 
 LOSSES: dict[str, Loss] = {
@@ -96,7 +101,7 @@ LOSSES: dict[str, Loss] = {
                     "4x4; v3 16x64, 32x32; v3-r2 16x64, 32x16 (r2dreamer); v3-large 256x64, 32x64",
         settle=_settle_v3),
     "v3-behavior": Loss(
-        lambda args: behavior.BehaviorCase(args.convention), behavior.BEHAVIOR_PRESETS,
+        _behavior_case, BEHAVIOR_PRESETS,
         ("behavior", "behavior-large"), ("behavior-tiny",),
         help="the DreamerV3 behaviour losses (dreamer_v3_behavior_loss: λ-returns, return "
              "normalisation, actor, critic, replay value; torchrl's DreamerV3ActorLoss, "

@@ -26,14 +26,6 @@ KEYS = ("reward", "next_value", "continuation", "baseline", "log_prob", "entropy
 LOSSES = ("loss_actor", "loss_value", "loss_replay_value")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _leaves(x, rep):
     return [x[k] for k in KEYS] + [rep["value_pred"]]
 
@@ -43,15 +35,16 @@ def _fresh(base):
                 else v) for k, v in base.items()}
 
 
-def _losses(x, rep, backend, reinforce, dtype=torch.float64):
-    low, high = torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype)
+def _losses(x, rep, backend, reinforce, dtype=torch.float64, low=None, high=None, **options):
+    if low is None:
+        low, high = torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype)
     out = dreamer_v3_behavior_loss(
         x["reward"], x["next_value"], x["value_logits"], low, high, x["continuation"],
         x["root_continuation"], baseline=x["baseline"], log_prob=x["log_prob"],
         entropy=x["entropy"], slow_value=x["slow_logits"], replay_value_pred=rep["value_pred"],
         replay_reward=rep["reward"], replay_done=rep["done"], replay_terminated=rep["terminated"],
         replay_slow_value=rep["slow_value"],
-        **dict(BEHAVIOR_CONVENTIONS["dreamerv3-2024"], use_reinforce=reinforce),
+        **dict(BEHAVIOR_CONVENTIONS["dreamerv3-2024"], use_reinforce=reinforce), **options,
         backend=backend)
     return [out[k] for k in LOSSES]
 
@@ -247,7 +240,13 @@ def _scale_worker(rank: int, world: int, port: int, backend: str, shards, out_di
         low, high = torch.zeros(1), torch.zeros(1)
         scale = return_scale(shards[rank], low, high, rate=0.5, process_group=True,
                              backend=backend)
-        torch.save([low, high, scale], os.path.join(out_dir, f"rank{rank}.pt"))
+        x, rep = rollout((2, 3), 4, R=7, seed=rank), replay(2, 3, R=7, seed=rank)
+        whole = []
+        for b in (backend, "torch"):  # the whole objective, gathering its returns
+            stats = torch.zeros(1), torch.zeros(1)
+            losses = _losses(x, rep, b, True, torch.float32, *stats, process_group=True)
+            whole.append([*(t.detach() for t in losses), *stats])
+        torch.save([low, high, scale, whole], os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     except BaseException:
         traceback.print_exc()
@@ -258,7 +257,8 @@ def _scale_worker(rank: int, world: int, port: int, backend: str, shards, out_di
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_percentiles_over_every_rank(tmp_path, backend):
     """Two CPU processes, each with its own returns: with ``process_group``, both take the
-    quantiles of all of them (every rank's statistics equal one process's on the concatenation)."""
+    quantiles of all of them (every rank's statistics equal one process's on the concatenation);
+    the whole objective gathers its returns the same way on either backend."""
     from fused_dreamer_loss.core import machinery
     if backend == "triton" and not machinery.INTERPRET:
         pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
@@ -271,6 +271,8 @@ def test_percentiles_over_every_rank(tmp_path, backend):
     alone = return_scale(shards[0], torch.zeros(1), torch.zeros(1), rate=0.5, backend="torch")
     assert not torch.equal(alone, want)
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        *got, whole = torch.load(tmp_path / f"rank{rank}.pt")
         for a, b in zip(got, [low, high, want]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b in zip(*whole):  # the fused objective's gathered statistics and losses
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

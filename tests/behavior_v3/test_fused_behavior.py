@@ -28,14 +28,6 @@ ROLLOUT_KEYS = ("reward", "next_value", "continuation", "baseline", "log_prob", 
                 "value_logits")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Tiles small enough that test shapes span several programs, scan tiles, select steps,

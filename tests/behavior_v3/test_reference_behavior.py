@@ -15,6 +15,7 @@ from tests.behavior_v3.helpers_behavior import replay, rollout
 from tests.helpers import assert_close
 from torch import nn
 
+import fused_dreamer_loss.behavior_v3.conventions
 import fused_dreamer_loss.behavior_v3.functional
 from fused_dreamer_loss.behavior_v3 import (
     dreamer_v3_actor_loss,
@@ -28,14 +29,6 @@ from fused_dreamer_loss.behavior_v3 import (
 pytestmark = pytest.mark.filterwarnings("ignore:No target network updater")
 
 SHAPES = [((4,), 5), ((3,), 1), ((2, 3), 4), ((7,), 15)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +355,9 @@ def test_replay_returns_match_torchrl_target(trl):
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)
 
 
-def test_docstring_examples():
-    result = doctest.testmod(fused_dreamer_loss.behavior_v3.functional,
-                             optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [fused_dreamer_loss.behavior_v3.functional,
+                                    fused_dreamer_loss.behavior_v3.conventions],
+                         ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
