@@ -113,6 +113,44 @@ def cases():
             backward_twice(list(losses.values()), leaves(inputs))
         return run
 
+    def behavior(dtype, value_loss="two_hot", **options):
+        def run():
+            from tests.behavior_v3.helpers_behavior import replay, rollout
+
+            from fused_dreamer_loss.behavior_v3 import dreamer_v3_behavior_loss
+            R = 255 if value_loss == "two_hot" else 1
+            x = rollout((16, 64), 15, R=max(R, 2), dtype=dtype)
+            rep = replay(16, 64, R=max(R, 2), dtype=dtype)
+            if R == 1:
+                x["value_logits"] = x["value_logits"][..., :1].detach().requires_grad_()
+                rep["value_pred"] = rep["value_pred"][..., :1].detach().requires_grad_()
+            losses = dreamer_v3_behavior_loss(
+                x["reward"], x["next_value"], x["value_logits"], torch.zeros(1), torch.zeros(1),
+                x["continuation"], x["root_continuation"], baseline=x["baseline"],
+                log_prob=x["log_prob"], entropy=x["entropy"], slow_value=x["slow_logits"][..., :R],
+                replay_value_pred=rep["value_pred"], replay_reward=rep["reward"],
+                replay_done=rep["done"], replay_terminated=rep["terminated"],
+                replay_slow_value=rep["slow_value"][..., :R], value_loss=value_loss,
+                slow_critic_regularization=1.0, replay_value_weight=0.3, backend="triton",
+                **options)
+            wrt = [x[k] for k in ("reward", "next_value", "continuation", "baseline", "log_prob",
+                                  "entropy", "value_logits")] + [rep["value_pred"]]
+            backward_twice([v for k, v in losses.items() if k.startswith("loss_")], wrt)
+        return run
+
+    def behavior_phases(dtype):
+        def run():
+            from tests.behavior_v3.helpers_behavior import rollout
+
+            from fused_dreamer_loss.behavior_v3 import lambda_returns, return_scale
+            x = rollout((1024,), 15, R=2, dtype=dtype)
+            returns, _ = lambda_returns(x["reward"], x["next_value"], x["continuation"],
+                                        x["root_continuation"], backend="triton")
+            return_scale(returns, torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype),
+                         backend="triton")
+            backward_twice([returns], [x["reward"], x["next_value"], x["continuation"]])
+        return run
+
     return [
         ("v1 float32", True, v1(torch.float32)),
         ("v1 bfloat16 delayed global smooth_l1", True,
@@ -125,6 +163,13 @@ def cases():
          v3(torch.float16, uint8=False, kl_mode="separate", reward_two_hot=False)),
         ("v3 float64 balanced, two-hot in symlog space", False,
          v3(torch.float64, two_hot_space="symlog", reco_loss="l1")),
+        ("behavior float32 REINFORCE, two-hot, slow critic, replay", True,
+         behavior(torch.float32, use_reinforce=True)),
+        ("behavior bfloat16 reparameterised, symlog space", True,
+         behavior(torch.bfloat16, two_hot_space="symlog")),
+        ("behavior float32 symlog_mse", True, behavior(torch.float32, value_loss="symlog_mse")),
+        ("behavior float64 phases: lambda_returns, return_scale", False,
+         behavior_phases(torch.float64)),
     ]
 
 

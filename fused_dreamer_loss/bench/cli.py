@@ -12,7 +12,9 @@ from dataclasses import asdict
 
 import torch
 
+from ..behavior_v3.conventions import BEHAVIOR_CONVENTIONS
 from ..world_model_v3.conventions import V3_CONVENTIONS
+from .presets import DEFAULT_BEHAVIOR_CONVENTION as BEHAVIOR_DEFAULT
 from .presets import DEFAULT_CONVENTION, DISTANCES, DTYPES, IMPLS, MODES
 from .registry import LOSSES, WORKLOADS
 from .report import failures, footnotes, markdown, plot
@@ -33,9 +35,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="one per run: " + "; ".join(f"{name}: {loss.help}"
                                                     for name, loss in LOSSES.items())
                    + ". Default: v1")
-    p.add_argument("--convention", choices=list(V3_CONVENTIONS),
-                   help=f"--loss v3 only: whose options (fused_dreamer_loss.V3_CONVENTIONS). "
-                        f"Default: {DEFAULT_CONVENTION}")
+    p.add_argument("--convention", choices=sorted({*V3_CONVENTIONS, *BEHAVIOR_CONVENTIONS}),
+                   help=f"whose options: --loss v3 those of fused_dreamer_loss.V3_CONVENTIONS "
+                        f"(default {DEFAULT_CONVENTION}), --loss v3-behavior those of "
+                        f"BEHAVIOR_CONVENTIONS (default {BEHAVIOR_DEFAULT})")
     p.add_argument("--preset", nargs="+", choices=[name for loss in LOSSES.values()
                                                    for name in loss.presets],
                    help="input sizes (frames = batch x time). " + " ".join(

@@ -148,3 +148,10 @@ def make_v3_batch(preset: str, device: str, seed: int):
         "terminated": torch.rand(*B, 1, generator=g, device=device) < 0.05,
     }}, batch_size=list(B), device=device)
 
+
+#: --loss v3-behavior: name: (replay batch, replay time, horizon H, critic bins R); the
+#: imagination starts from every replay state: N = batch × time.
+BEHAVIOR_PRESETS = {"behavior-tiny": (2, 4, 5, 255), "behavior": (16, 64, 15, 255),
+                    "behavior-large": (64, 64, 15, 255)}
+#: --loss v3-behavior's convention when --convention is not given.
+DEFAULT_BEHAVIOR_CONVENTION = "torchrl-recipe"

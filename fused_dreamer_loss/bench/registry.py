@@ -8,8 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..behavior_v3.conventions import BEHAVIOR_CONVENTIONS
+from ..world_model_v3.conventions import V3_CONVENTIONS
 from .losses import Case, V1Case, V3Case
-from .presets import DEFAULT_CONVENTION, PRESETS, V3_PRESETS
+from .presets import (BEHAVIOR_PRESETS, DEFAULT_BEHAVIOR_CONVENTION, DEFAULT_CONVENTION, PRESETS,
+                      V3_PRESETS)
 from .report import Row
 from .host import workload_rows as host_rows
 from .workloads import Run, loss_rows, train_step_rows
@@ -69,7 +72,23 @@ def _settle_v3(args: argparse.Namespace) -> str | None:
     if args.reco_loss == "smooth_l1":
         return "--reco-loss smooth_l1: the V1 loss only; --loss v3 takes l2 or l1"
     args.convention = args.convention or DEFAULT_CONVENTION
+    if args.convention not in V3_CONVENTIONS:
+        return f"--convention {args.convention}: a behaviour-loss convention, for --loss v3-behavior"
     return None
+
+
+def _settle_behavior(args: argparse.Namespace) -> str | None:
+    if args.reco_loss != "l2":
+        return "--reco-loss: the world-model losses' option, not --loss v3-behavior's"
+    args.convention = args.convention or DEFAULT_BEHAVIOR_CONVENTION
+    if args.convention not in BEHAVIOR_CONVENTIONS:
+        return f"--convention {args.convention}: not a behaviour-loss convention"
+    return None
+
+
+def _behavior_case(args: argparse.Namespace) -> Case:
+    from .behavior import BehaviorCase  # imported when used: ``python -m`` runs that module too
+    return BehaviorCase(args.convention)
 
 
 LOSSES: dict[str, Loss] = {
@@ -89,6 +108,18 @@ LOSSES: dict[str, Loss] = {
         preset_help="(3x64x64 uint8 frames, S categoricals of K classes): v3-tiny 2x4 of 3x8x8, "
                     "4x4; v3 16x64, 32x32; v3-r2 16x64, 32x16 (r2dreamer); v3-large 256x64, 32x64",
         settle=_settle_v3),
+    "v3-behavior": Loss(
+        _behavior_case, BEHAVIOR_PRESETS,
+        ("behavior", "behavior-large"), ("behavior-tiny",),
+        help="the DreamerV3 behaviour losses (dreamer_v3_behavior_loss: λ-returns, return "
+             "normalisation, actor, critic, replay value; torchrl's DreamerV3ActorLoss, "
+             "DreamerV3ValueLoss and replay_value_loss math) with the options of --convention "
+             "(BEHAVIOR_CONVENTIONS); python -m fused_dreamer_loss.bench.behavior adds the host "
+             "syncs",
+        preset_help="(imagination starts = replay batch x time, horizon H, critic bins): "
+                    "behavior-tiny 2x4, H 5; behavior 16x64, H 15 (the real shapes); "
+                    "behavior-large 64x64, H 15; 255 bins",
+        settle=_settle_behavior),
 }
 
 WORKLOADS: dict[str, Workload] = {

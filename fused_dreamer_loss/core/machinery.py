@@ -89,6 +89,57 @@ def store(ptr, value, mask):
 
 
 @triton.jit
+def log1p(a):
+    """log(1 + a), accurate for small ``a`` (Goldberg's correction; no log1p in Triton's core)."""
+    u = 1.0 + a
+    exact = tl.log(u) * (a / tl.where(u == 1.0, 1.0, u - 1.0))
+    return tl.where(u == 1.0, a, tl.where(u == float("inf"), u, exact))
+
+
+@triton.jit
+def expm1(a):
+    """exp(a) − 1, accurate for small ``a`` (Kahan's correction; no expm1 in Triton's core)."""
+    u = tl.exp(a)
+    exact = (u - 1.0) * (a / tl.log(tl.where(u == 1.0, 2.0, u)))
+    return tl.where(u == 1.0, a, tl.where((u - 1.0 == -1.0) | (u == float("inf")), u - 1.0, exact))
+
+
+@triton.jit
+def symlog(v):
+    """sign(v) log(1 + |v|) and its derivative 1 / (1 + |v|) (1 at 0, as torchrl's)."""
+    a = tl.abs(v)
+    out = tl.where(v < 0, -log1p(a), log1p(a))
+    return tl.where(v == 0, v, out), 1.0 / (1.0 + a)
+
+
+@triton.jit
+def symexp(v):
+    """sign(v) (exp(|v|) − 1), the inverse of :func:`symlog`."""
+    e = expm1(tl.abs(v))
+    return tl.where(v == 0, v, tl.where(v < 0, -e, e))
+
+
+@triton.jit
+def two_hot_weights(x, bins, cls, n_bins):
+    """``x [rows]`` spread over ``bins [BLOCK]`` (classes ``cls``, padding past ``n_bins``) as
+    :func:`fused_dreamer_loss.core.math.two_hot`: ``x`` clamped to the support,
+    ``lower = #(bins <= x) − 1`` clamped to [0, R − 2]. Returns ``(is_lower, is_upper)`` masks
+    ``[rows, BLOCK]`` and the weights ``(w_lower, w_upper)`` ``[rows]``."""
+    cls_ok = cls < n_bins
+    first = tl.sum(tl.where(cls == 0, bins, 0.0), axis=0)
+    last = tl.sum(tl.where(cls == n_bins - 1, bins, 0.0), axis=0)
+    x = tl.where(x < first, first, tl.where(x > last, last, x))  # torch's clamp: NaN stays NaN
+    count = tl.sum(tl.where(cls_ok[None, :] & (x[:, None] >= bins[None, :]), 1, 0), axis=1)
+    lower = tl.minimum(tl.maximum(count - 1, 0), n_bins - 2)
+    is_lower = cls[None, :] == lower[:, None]
+    is_upper = cls[None, :] == lower[:, None] + 1
+    below = tl.sum(tl.where(is_lower, bins[None, :], 0.0), axis=1)
+    above = tl.sum(tl.where(is_upper, bins[None, :], 0.0), axis=1)
+    w_upper = (x - below) / (above - below)
+    return is_lower, is_upper, 1.0 - w_upper, w_upper
+
+
+@triton.jit
 def term_factor(grad_out_ptr, keep_ptr, TERM: tl.constexpr, SKIP_IF_ONE: tl.constexpr,
                 ACC: tl.constexpr):
     """The factor a backward call puts on one term's gradients, ``where(keep, grad_output, 0)``,

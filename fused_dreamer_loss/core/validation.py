@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -71,3 +71,54 @@ def check_bool(name: str, value: object) -> None:
     """Raise a TypeError naming ``name`` unless ``value`` is a bool."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+#: Error messages list bad bins up to this many values.
+_BINS_SHOWN = 16
+#: A two-hot support has two values at least.
+MIN_BINS = 2
+
+
+def check_bins(name: str, value: object) -> torch.Tensor:
+    """``value`` as a 1-D real tensor of at least two strictly ascending finite values: a two-hot
+    support. The values are read only from a Python sequence (made a float64 CPU tensor) or a CPU
+    tensor, outside ``torch.compile``: reading a device tensor would synchronise the host.
+
+    Raises:
+        TypeError / ValueError: naming ``name`` and what was wrong.
+    """
+    if isinstance(value, torch.Tensor):
+        bins = value
+        if bins.dtype == torch.bool or bins.is_complex():
+            raise TypeError(f"{name} must hold real numbers, got dtype {bins.dtype}")
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        try:
+            bins = torch.tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be a sequence of real numbers: {exc}") from exc
+    else:
+        raise TypeError(
+            f"{name} must be a 1-D tensor or a sequence of numbers, got {type(value).__name__}")
+    if bins.dim() != 1 or bins.numel() < MIN_BINS:
+        raise ValueError(f"{name} must be 1-D with at least {MIN_BINS} values, got shape "
+                         f"{tuple(bins.shape)}")
+    check_bins_ascending(name, bins, torch.float64)
+    return bins
+
+
+def check_bins_ascending(name: str, bins: torch.Tensor, dtype: torch.dtype,
+                         used_in: str = "the loss") -> None:
+    """Raise a ValueError naming ``name`` unless ``bins``, cast to ``dtype`` (the dtype ``used_in``
+    uses them in), are finite and strictly ascending: bins distinct in float64 may collide in
+    float32 (``1e8`` and ``1e8 + 1``), which would divide by zero in the two-hot weights. Only
+    bins on the CPU are read, outside ``torch.compile``: a device tensor would synchronise.
+    """
+    if bins.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    values = bins.to(dtype)
+    if bool(torch.isfinite(values).all()) and bool((values[1:] > values[:-1]).all()):
+        return
+    where = "" if dtype == torch.float64 else f" in {dtype}, the dtype of {used_in}"
+    shown = (f", got {values.tolist()}" if values.numel() <= _BINS_SHOWN
+             else f" ({values.numel()} values)")
+    raise ValueError(f"{name} must be finite and strictly ascending{where}{shown}")

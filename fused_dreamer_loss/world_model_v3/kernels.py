@@ -50,7 +50,9 @@ from .validation import (KL_MODES, RECO_LOSSES, SYMLOG_BOTH, SYMLOG_NONE, SYMLOG
                               TWO_HOT_SPACES, V3Options, V3Shapes)
 from ..core import machinery
 from ..core.machinery import (acc_dtype, backward_programs, code_dtype, contiguous_strides,
-                              dtype_code, scalar, store, term_factor)
+                              dtype_code, scalar, store, term_factor, two_hot_weights)
+from ..core.machinery import log1p as _log1p
+from ..core.machinery import symlog as _symlog
 
 __all__ = ["KERNELS", "Prepared", "kernel_inputs", "reward_support"]
 
@@ -76,27 +78,6 @@ HEAD_MODE = {SYMLOG_NONE: 0, SYMLOG_BOTH: 1, SYMLOG_TARGET: 2}
 #: Positions in the inputs list of the fused loss.
 POSTERIOR, PRIOR, TRUE_REWARD, REWARD_PRED, CONTINUE_PRED, TERMINATED, BINS = range(7)
 FIRST_HEAD = 7
-
-
-# ---------------------------------------------------------------------------------------------
-# Elementwise helpers
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _log1p(a):
-    """log(1 + a), accurate for small ``a`` (Goldberg's correction; no log1p in Triton's core)."""
-    u = 1.0 + a
-    exact = tl.log(u) * (a / tl.where(u == 1.0, 1.0, u - 1.0))
-    return tl.where(u == 1.0, a, tl.where(u == float("inf"), u, exact))
-
-
-@triton.jit
-def _symlog(v):
-    """sign(v) log(1 + |v|) and its derivative 1 / (1 + |v|) (1 at 0, as torchrl's)."""
-    a = tl.abs(v)
-    out = tl.where(v < 0, -_log1p(a), _log1p(a))
-    return tl.where(v == 0, v, out), 1.0 / (1.0 + a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,22 +183,10 @@ def _two_hot_tile(true_ptr, logits_ptr, bins_ptr, g_logits_ptr, s_l_r, s_l_k, n_
     logits = tl.where(cls_ok[None, :], logits, float("-inf"))
     x = tl.load(true_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     bins = tl.load(bins_ptr + cls, mask=cls_ok, other=0.0).to(ACC)
-    first = tl.load(bins_ptr).to(ACC)
-    last = tl.load(bins_ptr + n_bins - 1).to(ACC)
     if SYMLOG_SPACE:
         x, _ = _symlog(x)
         bins, _ = _symlog(bins)
-        first, _ = _symlog(first)
-        last, _ = _symlog(last)
-    x = tl.where(x < first, first, tl.where(x > last, last, x))
-    count = tl.sum(tl.where(cls_ok[None, :] & (x[:, None] >= bins[None, :]), 1, 0), axis=1)
-    lower = tl.minimum(tl.maximum(count - 1, 0), n_bins - 2)
-    is_lower = cls[None, :] == lower[:, None]
-    is_upper = cls[None, :] == lower[:, None] + 1
-    below = tl.sum(tl.where(is_lower, bins[None, :], 0.0), axis=1)
-    above = tl.sum(tl.where(is_upper, bins[None, :], 0.0), axis=1)
-    w_upper = (x - below) / (above - below)
-    w_lower = 1.0 - w_upper
+    is_lower, is_upper, w_lower, w_upper = two_hot_weights(x, bins, cls, n_bins)
     m = tl.max(logits, axis=1)
     m = tl.where(tl.abs(m) == float("inf"), 0.0, m)  # torch's logsumexp: inf stays inf
     e = tl.exp(logits - m[:, None])

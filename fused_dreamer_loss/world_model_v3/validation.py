@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..core import validation as core_validation
 from ..core.math import DEFAULT_NUM_BINS
-from ..core.validation import FLOAT_DTYPES, check_bool, check_choice, check_fit, check_real
+from ..core.validation import (FLOAT_DTYPES, MIN_BINS, check_bins, check_bool, check_choice,
+                               check_fit, check_real)
 
 KL_MODES = ("balanced", "separate")
 RECO_LOSSES = ("l2", "l1")
 TWO_HOT_SPACES = ("raw", "symlog")
 RECO_SYMLOG_VALUES = (True, False, "target")
 DEFAULT_NUM_REWARD_BINS = DEFAULT_NUM_BINS
-MIN_REWARD_BINS = 2
-# Error messages list bad reward_bins up to this many values.
-_BINS_SHOWN = 16
+MIN_REWARD_BINS = MIN_BINS
 
 # How each reconstruction head is transformed, resolved from ``reco_symlog``.
 SYMLOG_BOTH = "both"
@@ -68,49 +67,10 @@ def _check_reco_symlog(value: object) -> bool | str | tuple[bool | str, ...]:
     return entries if isinstance(value, (list, tuple)) else value
 
 
-def _check_reward_bins(value: object) -> torch.Tensor:
-    """``reward_bins`` as a 1-D real tensor of at least two strictly ascending finite values.
-
-    The values are read only from a Python sequence or a CPU tensor, outside ``torch.compile``:
-    reading a device tensor would synchronise the host with the device.
-    """
-    if isinstance(value, torch.Tensor):
-        bins = value
-        if bins.dtype == torch.bool or bins.is_complex():
-            raise TypeError(f"reward_bins must hold real numbers, got dtype {bins.dtype}")
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        try:
-            bins = torch.tensor(value, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"reward_bins must be a sequence of real numbers: {exc}") from exc
-    else:
-        raise TypeError(
-            f"reward_bins must be a 1-D tensor or a sequence of numbers, got {type(value).__name__}"
-        )
-    if bins.dim() != 1 or bins.numel() < MIN_REWARD_BINS:
-        raise ValueError(
-            f"reward_bins must be 1-D with at least {MIN_REWARD_BINS} values, got shape "
-            f"{tuple(bins.shape)}"
-        )
-    check_bins_ascending(bins, torch.float64)
-    return bins
-
-
 def check_bins_ascending(bins: torch.Tensor, dtype: torch.dtype) -> None:
-    """Raise a ValueError naming ``reward_bins`` unless ``bins``, cast to ``dtype`` (the dtype the
-    loss uses them in), are finite and strictly ascending: bins distinct in float64 may collide
-    in float32 (``1e8`` and ``1e8 + 1``), which would divide by zero in the two-hot weights.
-    Only bins on the CPU are read, outside ``torch.compile``: a device tensor would synchronise.
-    """
-    if bins.device.type != "cpu" or torch.compiler.is_compiling():
-        return
-    values = bins.to(dtype)
-    if bool(torch.isfinite(values).all()) and bool((values[1:] > values[:-1]).all()):
-        return
-    where = "" if dtype == torch.float64 else f" in {dtype}, the dtype of the reward loss"
-    shown = (f", got {values.tolist()}" if values.numel() <= _BINS_SHOWN
-             else f" ({values.numel()} values)")
-    raise ValueError(f"reward_bins must be finite and strictly ascending{where}{shown}")
+    """:func:`fused_dreamer_loss.core.validation.check_bins_ascending` of ``reward_bins`` in
+    ``dtype``, the dtype of the reward loss."""
+    core_validation.check_bins_ascending("reward_bins", bins, dtype, "the reward loss")
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,7 +144,7 @@ class V3Options:
         if self.reward_bins is not None:
             if not self.reward_two_hot:
                 raise ValueError("reward_bins is used only with reward_two_hot=True")
-            object.__setattr__(self, "reward_bins", _check_reward_bins(self.reward_bins))
+            object.__setattr__(self, "reward_bins", check_bins("reward_bins", self.reward_bins))
 
     @property
     def reward_width(self) -> int:
