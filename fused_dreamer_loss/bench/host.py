@@ -601,8 +601,8 @@ def machine() -> str:
     import os
     import platform
 
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU (fused launches stubbed "
-            f"after Triton's dispatch, compiled for sm_{NO_LAUNCH_ARCH})")
+    return (f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU (the fused kernels compiled "
+            f"for sm_{NO_LAUNCH_ARCH}, the driver's launch call stubbed)")
 
 
 def table(rows: list[dict]) -> str:
