@@ -2,7 +2,8 @@
 
 Triton's interpreter, which runs the kernels in CI, accepts code that Triton's compiler refuses
 (a plain global in a kernel, say) and cannot show register spills. This script swaps in a driver
-that says "CUDA, sm_90" and turns every launch into a compile-only warm-up, then runs the
+that says "CUDA, sm_90" (the host benchmark's: :func:`fused_dreamer_loss.bench.host.
+no_launch_driver`) and turns every Triton dispatch into a compile-only warm-up, then runs the
 project's own launchers (forward, and backward with grad outputs 1 and 2) on CPU tensors of the
 benchmark presets' shapes: Triton's real front end, its passes down to PTX, and ptxas to a cubin.
 It prints one JSON line per compiled kernel: name, registers and spilled bytes (from ``ptxas -v``).
@@ -22,40 +23,10 @@ import tempfile
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.backends.driver import DriverBase
 from triton.runtime import jit
-from triton.runtime.driver import driver
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-class CompileOnlyDriver(DriverBase):
-    """A driver for a GPU that is not there: enough for Triton to compile for it."""
-
-    @classmethod
-    def is_active(cls):
-        return True
-
-    def map_python_to_cpp_type(self, ty):
-        return "void*"
-
-    def get_current_target(self):
-        return TARGET
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def get_benchmarker(self):
-        raise NotImplementedError("nothing runs")
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
 
 
 COMPILED: list[tuple[str, object]] = []
@@ -175,17 +146,16 @@ def cases():
 
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
-    driver.set_active(CompileOnlyDriver())
-    jit.JITFunction.run = _compile_only
-    from fused_dreamer_loss.core import machinery
+    from fused_dreamer_loss.bench.host import no_launch_driver
 
-    machinery.INTERPRET = True  # lets backend="triton" take CPU tensors (nothing runs)
-    for what, spill_free, run in cases():
-        start = len(COMPILED)
-        run()
-        for name, kernel in COMPILED[start:]:
-            print(json.dumps({"case": what, "spill_free": spill_free, "kernel": name,
-                              **ptxas_report(kernel)}), flush=True)
+    jit.JITFunction.run = _compile_only
+    with no_launch_driver():  # backend="triton" takes CPU tensors; nothing runs
+        for what, spill_free, run in cases():
+            start = len(COMPILED)
+            run()
+            for name, kernel in COMPILED[start:]:
+                print(json.dumps({"case": what, "spill_free": spill_free, "kernel": name,
+                                  **ptxas_report(kernel)}), flush=True)
 
 
 if __name__ == "__main__":

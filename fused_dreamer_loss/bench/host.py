@@ -24,18 +24,23 @@ as in training. The modules run a stand-in world model that writes precomputed o
 tensordict, so that only the loss module's own work is timed. The unfused chains run on tiny
 shapes, where their compute is about zero: what is left is their host time.
 
-Without CUDA the fused kernels are compiled for an H100 (sm_90) by Triton's real compiler, and
-every launch goes through Triton's own dispatch (the binder, the cache lookup, the argument
-packing), of which only the driver's launch call is replaced by a stub that reads each argument's
-data pointer, as the CUDA launcher does, and launches nothing (:func:`no_launch_driver`). This
-needs triton's compiler, not its interpreter: run it with ``TRITON_INTERPRET`` unset. With CUDA
-the fused rows launch their kernels for real, and each row is also timed as a CUDA-graph replay
-of the same step (the device time, no host at all).
+Without CUDA the fused kernels are compiled for an H100 (sm_90) by Triton's real compiler and
+launched as on a GPU: through Triton's own dispatch (its binder, cache lookup and argument
+packing) where a launch takes it, the first of each plan, and as the compiled kernel directly
+after (:class:`fused_dreamer_loss.core.machinery.Launch`). Only the driver's launch call is a
+stub, which reads each pointer argument's data pointer as the CUDA launcher does (not its driver
+check of the pointer) and launches nothing (:func:`no_launch_driver`); torch runs on one thread.
+This needs triton's compiler, not its interpreter: ``TRITON_INTERPRET`` unset (``--workload
+host`` of the benchmark command runs it in a child process so). With CUDA the fused rows launch
+their kernels for real, and each row is also timed as a CUDA-graph replay of the same step (the
+device time, no host at all).
 
 Each implementation is timed in interleaved rounds (every round times each row once, a batch of
 steps), so that a slow spell of a shared machine hits every row alike; the tables give the
-minimum, median and maximum over the rounds of the per-step mean. :func:`breakdown` splits the
-fused steps' host time into validation, plan, allocation, Triton dispatch and autograd.
+minimum, median and maximum over the rounds of the per-step mean (on a CPU this thread's CPU
+time, on CUDA wall time); the ratio is of the medians. :func:`breakdown` splits the fused steps'
+host time into validation, plan, allocation, Triton dispatch, the Function's Python and torch's
+autograd.
 
 Run ``python -m fused_dreamer_loss.bench.host`` (``--rounds``, ``--steps``, ``--json``); from
 Python, :func:`run` returns the rows and :func:`breakdown` the breakdown rows.
@@ -525,12 +530,11 @@ def _phase_targets() -> list[tuple[object, str, str]]:
         (functional_v1, "_prepare", "validation"),
         (functional_v3, "_bins_key", "validation"),
         (functional_v3, "_prepare", "validation"),
-        (kernels_v1._Plan, "_current", "plan"),
-        (kernels_v1._Plan, "_views", "plan"),
-        (kernels_v1._Plan, "_launch", "plan"),
-        (kernels_v3._Plan, "_current", "plan"),
-        (kernels_v3._Plan, "_views", "plan"),
-        (kernels_v3._Plan, "_launch", "plan"),
+        *((kernels._Plan, name, "plan") for kernels in (kernels_v1, kernels_v3)
+          for name in ("forward", "backward", "_current", "_views", "_launch")),
+        (machinery, "run", "Function (Python)"),
+        (machinery.FusedLossFunction, "forward", "Function (Python)"),
+        (machinery.FusedLossFunction, "backward", "Function (Python)"),
         (kernels_v3._Plan, "_args", "plan"),
         (kernels_v3, "kernel_inputs", "plan"),
         (torch, "empty", "allocation"),
@@ -544,11 +548,21 @@ def _phase_targets() -> list[tuple[object, str, str]]:
 
 
 def breakdown(steps: int = 200, device: str | None = None) -> list[dict]:
-    """Where the fused rows' host time goes: for each fused row, µs per step in each category
-    (exclusive: a call's time less that of the timed calls inside it; ``rest``: everything not in
-    a category, the caller's Python, the module's tensordict work), from ``steps`` steps with
-    the functions of :func:`_phase_targets` wrapped in timers (which add a fraction of a µs a
-    call)."""
+    """Where the fused rows' host time goes: for each fused row, µs per step in each category,
+    from ``steps`` steps with the functions of :func:`_phase_targets` wrapped in timers (which
+    add a fraction of a µs a call). Exclusive times: a call's time less that of the timed calls
+    inside it.
+
+    ``validation``: the call's signature, its lookup (and preparing a call, on a miss);
+    ``plan``: the plans' per-call work (the inputs' views, the kernels' arguments, the launch
+    lookup); ``allocation``: ``torch.empty``/``empty_strided`` (outputs, gradient buffers,
+    partial sums; on a CPU a 39–50 MB gradient costs an ``mmap`` and a ``munmap``, which a CUDA
+    caching allocator does not); ``Triton dispatch``: the launches (data pointers, the compiled
+    kernel's launcher, stubbed on a CPU; Triton's binder and cache lookup where a launch takes
+    them); ``Function (Python)``: the autograd.Function's forward and backward bodies;
+    ``autograd``: torch's part, ``Function.apply`` and the backward engine (the losses' sum,
+    the gradient accumulation); ``rest``: everything else (the caller's Python, the modules'
+    tensordict work, the step's sum of the losses, freeing the gradients)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     rows = []
@@ -576,7 +590,8 @@ def breakdown(steps: int = 200, device: str | None = None) -> list[dict]:
 # Report
 # ---------------------------------------------------------------------------------------------
 
-CATEGORIES = ("validation", "plan", "allocation", "Triton dispatch", "autograd", "rest")
+CATEGORIES = ("validation", "plan", "allocation", "Triton dispatch", "Function (Python)",
+              "autograd", "rest")
 
 
 def machine() -> str:
@@ -586,8 +601,8 @@ def machine() -> str:
     import os
     import platform
 
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU (fused launches stubbed "
-            f"after Triton's dispatch, compiled for sm_{NO_LAUNCH_ARCH})")
+    return (f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU (the fused kernels compiled "
+            f"for sm_{NO_LAUNCH_ARCH}, the driver's launch call stubbed)")
 
 
 def table(rows: list[dict]) -> str:

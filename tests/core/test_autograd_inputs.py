@@ -22,6 +22,8 @@ BACKENDS = ("triton", "torch")
 #: The V3 convention these tests run: every term, the continue one included.
 V3_OPTIONS = dict(kl_mode="separate", unimix=0.01, lambda_continue=1.0, reco_symlog=False)
 V3_TARGETS = ("pixels", "true_reward", "terminated")
+#: torch registers its forward-AD decompositions with torch.jit.script at their first use.
+TORCH_JIT_WARNING = "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
 
 
 def v3_inputs(device, seed=0, **kwargs):
@@ -147,6 +149,7 @@ def test_v1_float_frames_rewritten_before_backward(device):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings(TORCH_JIT_WARNING)
 def test_v3_forward_mode_ad(device):
     inputs = v3_inputs(device, seed=7)
     plain = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
@@ -167,6 +170,7 @@ def test_v3_forward_mode_ad(device):
             assert_close(got, tan, torch.float32, f"{name} tangent")
 
 
+@pytest.mark.filterwarnings(TORCH_JIT_WARNING)
 def test_v1_forward_mode_ad(device):
     inputs = [t.detach() for t in make_inputs((2, 3), 5, (3, 4, 4), torch.float64, device,
                                               seed=8)]
