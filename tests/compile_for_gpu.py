@@ -4,7 +4,8 @@ Triton's interpreter, which runs the kernels in CI, accepts code that Triton's c
 (a plain global in a kernel, say) and cannot show register spills. This script swaps in a driver
 that says "CUDA, sm_90" and turns every launch into a compile-only warm-up, then runs the
 project's own launchers (forward, and backward with grad outputs 1 and 2) on CPU tensors of the
-benchmark presets' shapes: Triton's real front end, its passes down to PTX, and ptxas to a cubin.
+benchmark presets' shapes: Triton's real front end, its passes down to PTX, and the ptxas that
+Triton itself uses (:func:`triton_ptxas`) to a cubin.
 It prints one JSON line per compiled kernel: name, registers and spilled bytes (from ``ptxas -v``).
 
 Run from the repository root as ``python -m tests.compile_for_gpu`` (``tests/test_compile_for_gpu.py``
@@ -13,6 +14,7 @@ does); TRITON_INTERPRET must not be set.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -28,8 +30,23 @@ from triton.runtime import jit
 from triton.runtime.driver import driver
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 TARGET = GPUTarget("cuda", 90, 32)
+
+
+def triton_ptxas() -> str | None:
+    """The ptxas the installed triton compiles TARGET's kernels with, as triton itself picks it
+    (``triton.backends.nvidia.compiler.get_ptxas``: the ``TRITON_PTXAS_PATH`` or
+    ``TRITON_PTXAS_BLACKWELL_PATH`` binary if set, else its bundled ``ptxas`` or
+    ``ptxas-blackwell``, by target architecture and triton release: triton 3.9 compiles sm_90 with
+    ``ptxas-blackwell``, CUDA 13, whose PTX the bundled ``ptxas``, CUDA 12, refuses), or None where
+    triton has no NVIDIA backend or no ``get_ptxas`` (before 3.3)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        # 3.4 picks one ptxas for every architecture: get_ptxas() takes none
+        tool = get_ptxas(TARGET.arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
+    except (ImportError, RuntimeError):  # no backend, or its ptxas is missing
+        return None
+    return tool.path if hasattr(tool, "path") else tool[0]  # 3.3: a (path, version) pair
 
 
 class CompileOnlyDriver(DriverBase):
@@ -74,7 +91,7 @@ def ptxas_report(kernel) -> dict:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        out = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", ptx, "-o",
+        out = subprocess.run([triton_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o",
                               os.path.join(tmp, "k.o")], capture_output=True, text=True,
                              check=True).stderr
     return {"registers": max(int(r) for r in re.findall(r"Used (\d+) registers", out)),
