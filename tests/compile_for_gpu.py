@@ -14,7 +14,6 @@ does); TRITON_INTERPRET must not be set.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -39,14 +38,13 @@ def triton_ptxas() -> str | None:
     ``TRITON_PTXAS_BLACKWELL_PATH`` binary if set, else its bundled ``ptxas`` or
     ``ptxas-blackwell``, by target architecture and triton release: triton 3.9 compiles sm_90 with
     ``ptxas-blackwell``, CUDA 13, whose PTX the bundled ``ptxas``, CUDA 12, refuses), or None where
-    triton has no NVIDIA backend or no ``get_ptxas`` (before 3.3)."""
+    triton has no NVIDIA backend. (The form of ``get_ptxas`` is that of the supported triton
+    range, 3.6 on: 3.3 returns a pair, 3.4 and 3.5 take no architecture.)"""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-        # 3.4 picks one ptxas for every architecture: get_ptxas() takes none
-        tool = get_ptxas(TARGET.arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
+        return get_ptxas(TARGET.arch).path
     except (ImportError, RuntimeError):  # no backend, or its ptxas is missing
         return None
-    return tool.path if hasattr(tool, "path") else tool[0]  # 3.3: a (path, version) pair
 
 
 class CompileOnlyDriver(DriverBase):
