@@ -5,7 +5,8 @@ Triton's interpreter, which runs the kernels in CI, accepts code that Triton's c
 that says "CUDA, sm_90" (the host benchmark's: :func:`fused_dreamer_loss.bench.host.
 no_launch_driver`) and turns every Triton dispatch into a compile-only warm-up, then runs the
 project's own launchers (forward, and backward with grad outputs 1 and 2) on CPU tensors of the
-benchmark presets' shapes: Triton's real front end, its passes down to PTX, and ptxas to a cubin.
+benchmark presets' shapes: Triton's real front end, its passes down to PTX, and the ptxas that
+Triton itself uses (:func:`triton_ptxas`) to a cubin.
 It prints one JSON line per compiled kernel: name, registers and spilled bytes (from ``ptxas -v``).
 
 Run from the repository root as ``python -m tests.compile_for_gpu`` (``tests/test_compile_for_gpu.py``
@@ -18,15 +19,31 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import torch
 import triton
+from triton.backends.compiler import GPUTarget
 from triton.runtime import jit
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+from fused_dreamer_loss.bench.host import NO_LAUNCH_ARCH
+
+TARGET = GPUTarget("cuda", NO_LAUNCH_ARCH, 32)
+
+
+def triton_ptxas() -> str | None:
+    """The ptxas the installed triton compiles TARGET's kernels with, as triton itself picks it
+    (``triton.backends.nvidia.compiler.get_ptxas``: the ``TRITON_PTXAS_PATH`` or
+    ``TRITON_PTXAS_BLACKWELL_PATH`` binary if set, else its bundled ``ptxas`` or
+    ``ptxas-blackwell``, by target architecture and triton release: triton 3.9 compiles sm_90 with
+    ``ptxas-blackwell``, CUDA 13, whose PTX the bundled ``ptxas``, CUDA 12, refuses), or None where
+    triton has no NVIDIA backend. (The form of ``get_ptxas`` is that of the supported triton
+    range, 3.6 on: 3.3 returns a pair, 3.4 and 3.5 take no architecture.)"""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(TARGET.arch).path
+    except (ImportError, RuntimeError):  # no backend, or its ptxas is missing
+        return None
 
 
 COMPILED: list[tuple[str, object]] = []
@@ -45,7 +62,7 @@ def ptxas_report(kernel) -> dict:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        out = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", ptx, "-o",
+        out = subprocess.run([triton_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o",
                               os.path.join(tmp, "k.o")], capture_output=True, text=True,
                              check=True).stderr
     return {"registers": max(int(r) for r in re.findall(r"Used (\d+) registers", out)),

@@ -15,8 +15,9 @@ import sys
 import pytest
 import triton
 
+from tests.compile_for_gpu import triton_ptxas
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 KERNELS = {"_dreamer_loss_fwd_kernel", "_dreamer_loss_bwd_kernel", "_v3_fwd_kernel",
            "_v3_bwd_kernel", "finalize_kernel", "_returns_kernel", "_terms_fwd_kernel",
            "_terms_bwd_kernel", "_returns_bwd_kernel"}
@@ -30,8 +31,9 @@ BEHAVIOR_LAUNCHES = [["_returns_kernel", "_terms_fwd_kernel", "finalize_kernel",
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    if not os.path.exists(PTXAS):
-        pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
+    if triton_ptxas() is None:
+        pytest.skip(f"triton {triton.__version__}: no NVIDIA backend with a ptxas that "
+                    "triton.backends.nvidia.compiler.get_ptxas finds")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
     done = subprocess.run([sys.executable, "-m", "tests.compile_for_gpu"], env=env,
