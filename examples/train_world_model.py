@@ -50,7 +50,7 @@ def moving_shapes(batch: int, steps: int, size: int, shapes: int = 3, generator=
 
 def backend_line(backend: str, device: str) -> str:
     """Which implementation of the loss runs for ``backend`` on ``device``, and why."""
-    ran = resolve_backend(backend, torch.device(device))  # raises if it cannot run there
+    ran = resolve_backend(backend, torch.device(device))
     if ran == "triton":
         where = ("on the GPU" if device.startswith("cuda") else
                  "through Triton's interpreter on the CPU (TRITON_INTERPRET=1: right answers, "
@@ -90,11 +90,37 @@ def training_arguments(description: str, frames_per_clip: int) -> argparse.Argum
     return p
 
 
+def parse_training_arguments(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``p.parse_args(argv)``, refusing with the usage line and exit status 2 (``p.error``) what
+    would fail later: sizes that are not positive, a frame size not divisible by 4, a device this
+    torch build does not have, a backend that cannot run there."""
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "time", "size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.size % 4:
+        p.error(f"--size must be divisible by 4 (two stride-2 convolutions), got {args.size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__}"
+                f"{'' if torch.version.cuda else ', a build without CUDA'}); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {args.device!r}")
+    try:
+        resolve_backend(args.backend, device)
+    except RuntimeError as exc:
+        p.error(f"--backend {args.backend}: {exc}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = training_arguments(__doc__.splitlines()[0], frames_per_clip=20)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile(fullgraph=True) the world model and the loss together")
-    args = p.parse_args(argv)
+    args = parse_training_arguments(p, argv)
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)

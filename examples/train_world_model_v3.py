@@ -6,11 +6,13 @@ stored as uint8 frames, the reward is the mean brightness of the frame's centre 
 terminal when that brightness passes a threshold. The loss follows one of
 ``fused_dreamer_loss.V3_CONVENTIONS`` (default: the current DreamerV3 reference,
 ``dreamerv3-2024``).
+The decoder predicts in the space the convention compares: ``pixels / 255``, or the symlog of
+the raw values for the conventions that symlog raw uint8 frames (``torchrl``, ``torchrl-recipe``).
 Runs on CUDA or on a CPU. It prints which backend ran and why, the loss terms, and the steps per
 second after the first step (whose time is shown apart).
 
-    python examples/train_world_model_v3.py --steps 200 [--device cpu] [--backend torch]
-        [--convention torchrl]
+    python examples/train_world_model_v3.py --steps 200 [--compile] [--device cpu]
+        [--backend torch] [--convention torchrl]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fused_dreamer_loss.models_v3 import make_world_model_v3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_world_model import (  # noqa: E402  (the V1 example's data and helpers)
-    backend_line, moving_shapes, sync, training_arguments)
+    backend_line, moving_shapes, parse_training_arguments, sync, training_arguments)
 
 #: A step is terminal when the centre of the frame is lit above this mean brightness.
 TERMINAL_BRIGHTNESS = 0.07
@@ -47,24 +49,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--convention", choices=sorted(V3_CONVENTIONS), default="dreamerv3-2024",
                    help="the loss options of an implementation (default: dreamerv3-2024)")
     p.add_argument("--bins", type=int, default=255, help="reward bins (default 255)")
-    args = p.parse_args(argv)
-    if args.size % 4:
-        p.error(f"--size must be divisible by 4, got {args.size}")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile(fullgraph=True) the loss module (world model and loss)")
+    args = parse_training_arguments(p, argv)
+    if args.bins < 2:
+        p.error(f"--bins must be at least 2, got {args.bins}")
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     options = dict(V3_CONVENTIONS[args.convention])
-    loss_module = FusedDreamerV3ModelLoss(
-        make_world_model_v3((3, args.size, args.size), num_reward_bins=args.bins),
-        num_reward_bins=args.bins, backend=args.backend, **options).to(args.device)
+    # A convention that symlogs the raw uint8 frames (torchrl's) compares the symlog of the
+    # prediction with that of 0...255: the decoder predicts in that space (the others: pixels / 255).
+    world_model = make_world_model_v3((3, args.size, args.size), num_reward_bins=args.bins,
+                                      reco_symlog=options["reco_symlog"] is True)
+    loss_module = FusedDreamerV3ModelLoss(world_model, num_reward_bins=args.bins,
+                                          backend=args.backend, **options).to(args.device)
     optimizer = torch.optim.Adam(loss_module.parameters(), lr=3e-4)
+    compute_losses = torch.compile(loss_module, fullgraph=True) if args.compile else loss_module
     print(f"training on {args.device}: {args.batch} clips x {args.time} uint8 frames of "
           f"3x{args.size}x{args.size}, {sum(p.numel() for p in loss_module.parameters())} "
           f"parameters, the {args.convention} convention")
     print(backend_line(args.backend, args.device))
 
     def step(data: TensorDict) -> dict[str, torch.Tensor]:
-        losses, _ = loss_module(data)
+        losses, _ = compute_losses(data)
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).sum().backward()
         optimizer.step()
@@ -80,14 +88,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             first = warm - start
         if i == 1 or i % max(1, args.steps // 10) == 0 or i == args.steps:
             values = {k: float(v.detach()) for k, v in losses.items()}
-            shown = (f"first step {first:.2f} s" if i == 1 else
-                     f"{(i - 1) / (time.perf_counter() - warm):.1f} steps/s")
+            shown = (f"first step {first:.2f} s{', compilation included' if args.compile else ''}"
+                     if i == 1 else f"{(i - 1) / (time.perf_counter() - warm):.1f} steps/s")
             terms = "  ".join(f"{k.removeprefix('loss_model_')} {v:.4f}" for k, v in values.items())
             print(f"step {i:5d}  {terms}  ({shown})", flush=True)
     sync(args.device)
     if args.steps > 1:
         rate = (args.steps - 1) / (time.perf_counter() - warm)
-        print(f"{rate:.1f} steps/s over steps 2-{args.steps}; the first step took {first:.2f} s")
+        print(f"{rate:.1f} steps/s over steps 2-{args.steps}; the first step took {first:.2f} s"
+              f"{' (torch.compile included)' if args.compile else ''}")
     return values
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -60,6 +62,33 @@ class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
                                    torch.ops.aten.clone, torch.ops.aten.contiguous):
             self.numels.append(out.numel())
         return out
+
+
+def assert_torchrl_loss_module_api(ours, theirs, extra_net: torch.nn.Module) -> None:
+    """What every fused loss module shares with its torchrl twin ``theirs``: a ``LossModule``,
+    the same ``functional`` and ``vmap_randomness``, no value estimator, and the same parameters
+    and state-dict names after ``convert_to_functional`` of a copy of ``extra_net``."""
+    from torchrl.objectives.common import LossModule
+
+    assert isinstance(ours, LossModule)
+    assert ours.functional is theirs.functional is True
+    assert ours.vmap_randomness == theirs.vmap_randomness
+    for loss in (ours, theirs):
+        with pytest.raises(NotImplementedError):
+            loss.make_value_estimator()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "not part of the annotations"
+            loss.convert_to_functional(copy.deepcopy(extra_net), "extra_net")
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    assert (set(ours.extra_net_params.keys(True, True))
+            == set(theirs.extra_net_params.keys(True, True)))
+
+
+def assert_same_state(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """The same state-dict names, in the same order, holding equal tensors."""
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 @pytest.fixture(scope="module", autouse=True)

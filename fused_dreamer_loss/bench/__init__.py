@@ -39,7 +39,10 @@ Adding a workload or a loss: one module and one entry in :mod:`.registry`.
   ``run.case.row(impl, preset, dtype_name, mode)``; put ``"n/a: why"`` or ``"skipped: why"`` in its
   status where it cannot run, ``"wrong: why"`` where a fused result is wrong (exit status 1), and
   workload-specific figures in ``row.extra``. The speed-up against the eager row of the same preset,
-  dtype and mode, the table, the JSON and the plot come for free.
+  dtype and mode, the table, the JSON and the plot come for free. To measure: ``run.case.inputs``
+  and ``run.case.fn(impl, device)``, :func:`.timing.step_fn`, :func:`.timing.unavailable` (why an
+  implementation gives no row here), :func:`.timing.time_into` (median, min, max, noisy flag) and
+  :func:`.timing.count_launches_into`.
 * A loss is an entry ``LOSSES["name"] = Loss(case, presets, gpu_presets, cpu_presets, help=...,
   preset_help=..., settle=...)``: ``case(args)`` makes the run's :class:`~.losses.Case` (the
   methods the workloads call: ``row``, ``describe``, ``model_bytes``, ``inputs``, ``check``,

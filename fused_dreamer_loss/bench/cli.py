@@ -30,7 +30,8 @@ def make_parser() -> argparse.ArgumentParser:
                     "its fraction of the device's copy bandwidth, peak memory and speed-up vs "
                     "eager.")
     p.add_argument("--loss", choices=list(LOSSES), default="v1",
-                   help="; ".join(f"{name}: {loss.help}" for name, loss in LOSSES.items())
+                   help="one per run: " + "; ".join(f"{name}: {loss.help}"
+                                                    for name, loss in LOSSES.items())
                    + ". Default: v1")
     p.add_argument("--convention", choices=list(V3_CONVENTIONS),
                    help=f"--loss v3 only: whose options (fused_dreamer_loss.V3_CONVENTIONS). "
@@ -67,8 +68,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "without Python and launch overhead (as in a graph-captured training "
                         "step). CUDA only")
     p.add_argument("--workload", choices=list(WORKLOADS), default="loss",
-                   help="; ".join(f"{name}: {workload.help}"
-                                  for name, workload in WORKLOADS.items()) + ". Default: loss")
+                   help="one per run: " + "; ".join(f"{name}: {workload.help}"
+                                                    for name, workload in WORKLOADS.items())
+                   + ". Default: loss")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results table as Markdown")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time per implementation and "
@@ -162,11 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     fused result was right, 1 otherwise (the reasons on stderr); 2 for bad arguments.
 
     Without CUDA the fused kernels need Triton's interpreter, which has to be chosen before triton
-    is imported (see :func:`.timing.use_interpreter`), and importing this package imported it already. So
-    the command (``argv`` None: the arguments are this process's own) restarts itself once, as
-    ``python -m fused_dreamer_loss.bench`` with ``TRITON_INTERPRET=1`` in its environment; the
-    variable being set is what stops a second restart. Called from Python with ``argv``, it never
-    restarts: the fused rows then say why they are skipped.
+    is imported (see :func:`.timing.use_interpreter`), and importing this package imported it
+    already. So the command (``argv`` None: the arguments are this process's own) restarts itself
+    once, as ``python -m fused_dreamer_loss.bench`` with ``TRITON_INTERPRET=1`` in its
+    environment; the variable being set is what stops a second restart. Called from Python with
+    ``argv``, it never restarts: the fused rows then say why they are skipped.
     """
     # The profiler behind the launch counts logs "profiler_start"/"profiler_stop" lines to stderr.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")

@@ -42,7 +42,8 @@ from ..world_model_v3.validation import DEFAULT_NUM_REWARD_BINS
 from .peers import TORCHRL_V3_FIXED, torchrl_v3_gap
 from .presets import DTYPES, ROTATION, V3_PRESETS
 from .report import ABSENT, Row
-from .timing import count_launches, graphed, peak_mem_mb, skip_reason, timed, unavailable
+from .timing import (count_launches, graphed, peak_mem_mb, skip_reason, time_into, timed,
+                     unavailable)
 from .workloads import Run, world_model_loss_inputs
 
 #: The learner's modes: how torchrl's stepper runs the forward and backward of an update.
@@ -435,9 +436,10 @@ def learner_row(impl: str, preset: str, dtype_name: str, mode: str, run: Run) ->
                       "syncs counted, not timed (needs a CUDA GPU)")
         row.extra["interpreter"] = True
         return row
-    row.median_ms = timed(updates, cuda)
-    row.extra["loss_ms"] = timed([alone], cuda)
-    row.extra["loss_share_time"] = row.extra["loss_ms"] / row.median_ms
+    time_into(row, updates, cuda)
+    alone_time = timed([alone], cuda)
+    row.extra.update(loss_ms=alone_time.median_ms, loss_noisy=alone_time.noisy,
+                     loss_share_time=alone_time.median_ms / row.median_ms)
     if cuda:
         row.peak_mem_mb = peak_mem_mb(updates[0])
     return row

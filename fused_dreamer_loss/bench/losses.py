@@ -92,7 +92,7 @@ class V1Case:
         return None
 
     def train_step(self, impl: str, preset: str, dtype_name: str, device: str) -> Row:
-        return workloads.run_train_step(impl, preset, dtype_name, self.reco_loss, device)
+        return workloads.run_train_step(impl, preset, dtype_name, self, device)
 
     def checked(self) -> str:
         return "the three losses and the six gradients"

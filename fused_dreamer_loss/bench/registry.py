@@ -11,6 +11,7 @@ from typing import Callable
 from .losses import Case, V1Case, V3Case
 from .presets import DEFAULT_CONVENTION, PRESETS, V3_PRESETS
 from .report import Row
+from .host import workload_rows as host_rows
 from .workloads import Run, loss_rows, train_step_rows
 
 
@@ -98,8 +99,19 @@ WORKLOADS: dict[str, Workload] = {
              "worth in a real step: --loss v1, fused_dreamer_loss.models with the fused vs the "
              "eager loss; --loss v3, fused_dreamer_loss.models_v3 (the preset's categorical "
              "latents; 16 and 32 conv channels, 256-wide embedding, GRU and heads; narrower at "
-             "v3-tiny) trained through FusedDreamerV3ModelLoss (fused: backend triton, checked "
-             "and not timed on a CPU; eager: backend torch) and torchrl's DreamerV3ModelLoss"),
+             "v3-tiny) trained through FusedDreamerV3ModelLoss (fused: backend triton; eager: "
+             "backend torch) and torchrl's DreamerV3ModelLoss. The fused row is first checked on "
+             "the world model's outputs against the float64 reference; on a CPU it is checked "
+             "(through Triton's interpreter), not timed"),
+    "host": Workload(
+        host_rows,
+        help="host time per forward + backward (launch-bound: the host is what a step waits "
+             "for): the fused functional call and module of --loss at its preset (V1 small, V3 "
+             "v3) against torchrl's module, torchrl's math and the eager reference at tiny "
+             "shapes, as ratios, and where the fused call's host time goes "
+             "(fused_dreamer_loss.bench.host). On a CPU the kernels are compiled for sm_90 and "
+             "every launch goes through Triton's dispatch with only the driver's launch stubbed; "
+             "on a GPU they launch, and each step is also timed as a CUDA-graph replay"),
     "learner": Workload(
         _learner_rows,
         help="one update of torchrl's DreamerV3 learner (DreamerV3Loss and "

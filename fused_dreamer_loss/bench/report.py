@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from .peers import fused_rtol
 from .presets import DTYPES, IMPLS
+from .timing import CPU_REPEATS, NOISY_SPREAD
 
 if TYPE_CHECKING:
     from .losses import Case
@@ -42,6 +43,11 @@ class Row:
     loss: str = "v1"
     convention: str | None = None
     latent_shape: list[int] | None = None
+    #: The fastest and slowest of the CPU repeats (None on CUDA and where not timed), and whether
+    #: their spread makes the median doubtful (:data:`.timing.NOISY_SPREAD`).
+    min_ms: float | None = None
+    max_ms: float | None = None
+    noisy: bool | None = None
 
 
 #: How a figure that was not measured shows in the table.
@@ -77,21 +83,29 @@ def header(report: dict) -> str:
     return line + "."
 
 
+def _fmt_spread(row: dict) -> str:
+    """``min–max`` ms, followed by "noisy" where the spread makes the median doubtful."""
+    if row.get("min_ms") is None or row.get("max_ms") is None:
+        return ABSENT
+    return f"{row['min_ms']:.3f}–{row['max_ms']:.3f}" + (" noisy" if row.get("noisy") else "")
+
+
 def markdown(report: dict) -> str:
     lines = [
         header(report),
         "",
-        "| impl | preset | dtype | mode | median ms | launches | GB/s | of copy | peak MiB "
-        "| vs eager | status |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| impl | preset | dtype | mode | median ms | min–max ms | launches | GB/s | of copy "
+        "| peak MiB | vs eager | status |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in report["results"]:
         speedup = ABSENT if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}×"
         lines.append(
             f"| {r['impl']} | {r['preset']} | {r['dtype']} | {r['mode']} "
-            f"| {_fmt(r['median_ms'], '.3f')} | {_fmt(r.get('launches'), 'd')} "
-            f"| {_fmt_gbps(r['gbps'])} | {_fmt(r['frac_copy'], '.0%')} "
-            f"| {_fmt(r['peak_mem_mb'], '.0f')} | {speedup} | {r['status']} |"
+            f"| {_fmt(r['median_ms'], '.3f')} | {_fmt_spread(r)} "
+            f"| {_fmt(r.get('launches'), 'd')} | {_fmt_gbps(r['gbps'])} "
+            f"| {_fmt(r['frac_copy'], '.0%')} | {_fmt(r['peak_mem_mb'], '.0f')} | {speedup} "
+            f"| {r['status']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -149,11 +163,20 @@ def failures(report: dict) -> list[str]:
 
 
 def footnotes(rows: list[Row], case: Case) -> str:
-    """The lines printed under the table: what a launch is and, where the fused kernels were
+    """The lines printed under the table, each where a row needs it: what a launch is (and what a
+    fwd+bwd step's launches include), what a noisy row is and, where the fused kernels were
     checked through the interpreter, on what and within which tolerance."""
-    lines = ["launches: kernels per step (CUDA: what the device ran; CPU: ATen operators that "
-             "compute, torch.compile's C++ kernels, Triton launches). fwd+bwd includes the "
-             f"{case.losses} grad-output fills of torch.autograd.grad, one per loss."]
+    lines = []
+    if any(r.launches is not None for r in rows):
+        line = ("launches: kernels per step (CUDA: what the device ran; CPU: ATen operators that "
+                "compute, torch.compile's C++ kernels, Triton launches).")
+        if any(r.mode == "fwd+bwd" for r in rows):
+            line += (f" fwd+bwd includes the {case.losses} grad-output fills of "
+                     "torch.autograd.grad, one per loss.")
+        lines.append(line)
+    if any(r.noisy for r in rows):
+        lines.append(f"noisy: the slowest of the {CPU_REPEATS} repeats took over {NOISY_SPREAD:g}× "
+                     "the fastest (a busy machine): the median may be off; rerun the row.")
     checked = sorted({(r.preset, r.dtype) for r in rows if r.impl == "fused" and
                       r.status.startswith("correct")})
     if checked:

@@ -1,7 +1,8 @@
 """How a row is measured: the timer (``triton.testing.do_bench`` on CUDA, repeats of
-``time.perf_counter`` on a CPU), CUDA-graph capture, the device's copy bandwidth, the kernel launches
-of one step (torch.profiler), and the switch that puts the fused kernels through Triton's
-interpreter on a CPU (with why an implementation cannot run here)."""
+``time.perf_counter`` on a CPU, with their spread), CUDA-graph capture, peak memory, the device's
+copy bandwidth, the kernel launches of one step (torch.profiler), and the switch that puts the
+fused kernels through Triton's interpreter on a CPU (with why an implementation cannot run
+here)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,24 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..core import dispatch
 from .peers import loss_terms
-from .report import Row
+
+if TYPE_CHECKING:
+    from .report import Row
 
 #: Bytes copied to measure the device's copy bandwidth.
 COPY_BYTES = 1 << 30
+#: Timed calls of a step on a CPU (after one untimed warm-up call).
 CPU_REPEATS = 25
+#: A CPU row is flagged noisy when its slowest repeat took more than this many times its fastest:
+#: the machine was busy, and the median may be off.
+NOISY_SPREAD = 2.0
 #: ATen operators that move no tensor data (allocation, views, dtype and shape queries): not
 #: counted as launches on a CPU.
 NO_KERNEL_OPS = frozenset({
@@ -70,8 +78,25 @@ def graphed(step: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
-def timed(steps: list[Callable[[], None]], cuda: bool) -> float:
-    """Median milliseconds of one step, rotating through the input sets."""
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds of one step: the median and, on a CPU, the fastest and the slowest of the
+    :data:`CPU_REPEATS` (None on CUDA, where ``do_bench`` gives the median)."""
+
+    median_ms: float
+    min_ms: float | None = None
+    max_ms: float | None = None
+
+    @property
+    def noisy(self) -> bool | None:
+        """Whether the spread exceeds :data:`NOISY_SPREAD`; None where there is no spread."""
+        if self.min_ms is None or self.max_ms is None:
+            return None
+        return self.max_ms > NOISY_SPREAD * self.min_ms
+
+
+def timed(steps: list[Callable[[], None]], cuda: bool) -> Timing:
+    """The time of one step, rotating through the input sets."""
     turn = [0]
 
     def rotate():
@@ -80,14 +105,14 @@ def timed(steps: list[Callable[[], None]], cuda: bool) -> float:
 
     if cuda:
         from triton.testing import do_bench
-        return float(do_bench(rotate, warmup=50, rep=300, return_mode="median"))
+        return Timing(float(do_bench(rotate, warmup=50, rep=300, return_mode="median")))
     rotate()
     times = []
     for _ in range(CPU_REPEATS):
         start = time.perf_counter()
         rotate()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return Timing(statistics.median(times), min(times), max(times))
 
 
 def peak_mem_mb(step: Callable[[], object]) -> float:
@@ -103,7 +128,7 @@ def peak_mem_mb(step: Callable[[], object]) -> float:
 def copy_gbps() -> float:
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    ms = timed([lambda: dst.copy_(src)], cuda=True)
+    ms = timed([lambda: dst.copy_(src)], cuda=True).median_ms
     return 2 * COPY_BYTES / ms / 1e6
 
 
@@ -113,10 +138,9 @@ MODULE = "fused_dreamer_loss.bench"
 
 def checks_fused_on_cpu(args: argparse.Namespace) -> bool:
     """Whether this run checks the fused kernels on the CPU (through Triton's interpreter): the
-    fused implementation asked for, on the CPU (no CUDA device, or ``--device cpu``), in the loss
-    workload or the V3 train step (the V1 train step skips its fused row on a CPU)."""
-    return (args.device == "cpu" and "fused" in args.impl
-            and (args.workload == "loss" or args.loss == "v3"))
+    fused implementation asked for, on the CPU (no CUDA device, or ``--device cpu``), whatever
+    the workload and the loss."""
+    return args.device == "cpu" and "fused" in args.impl
 
 
 def wants_interpreter(args: argparse.Namespace) -> bool:
@@ -246,6 +270,13 @@ def count_launches(step: Callable[[], None], cuda: bool) -> dict[str, int]:
                 and not any(c.name.startswith("aten::") for c in e.cpu_children)):
             launched[e.name] = launched.get(e.name, 0) + 1
     return launched
+
+
+def time_into(row: Row, steps: list[Callable[[], object]], cuda: bool) -> None:
+    """The time of one of ``steps`` (:func:`timed`) into ``row``: median, spread, noisy flag."""
+    timing = timed(steps, cuda)
+    row.median_ms, row.min_ms, row.max_ms = timing.median_ms, timing.min_ms, timing.max_ms
+    row.noisy = timing.noisy
 
 
 def count_launches_into(row: Row, step: Callable[[], None], cuda: bool) -> None:

@@ -17,15 +17,15 @@ import torch
 
 from . import peers
 from .peers import TORCHRL_V3_FIXED
-from .presets import (DTYPES, PRESETS, ROTATION, V3_PRESETS,
+from .presets import (DTYPES, NEEDS_GRAD, PRESETS, ROTATION, V3_PRESETS,
                       V3_TRAIN_STEP_IMPLS, V3_WORLD_MODELS, V3_NEEDS_GRAD, make_v3_batch)
 from .report import Row, progress
-from .timing import (count_launches_into, graphed, peak_mem_mb, skip_reason, step_fn, timed,
+from .timing import (count_launches_into, graphed, peak_mem_mb, skip_reason, step_fn, time_into,
                      unavailable)
 
 if TYPE_CHECKING:
     from ..world_model_v3.validation import V3Options
-    from .losses import Case, V3Case
+    from .losses import Case, V1Case, V3Case
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def run_config(impl, preset, dtype_name, mode, case, device, copy,
             row.status = f"skipped: CUDA graph capture failed: {type(exc).__name__}"
             return row
         row.extra["cuda_graph"] = True
-    row.median_ms = timed(steps, cuda)
+    time_into(row, steps, cuda)
     row.gbps = nbytes / row.median_ms / 1e6
     if copy:
         row.frac_copy = row.gbps / copy
@@ -158,23 +158,40 @@ def _time_train_step(row: Row, steps: list[Callable[[], object]], cuda: bool) ->
     ``row``; on CUDA also the peak memory a step allocates beyond what is held between steps."""
     if cuda:
         row.peak_mem_mb = peak_mem_mb(steps[0])
-    row.median_ms = timed(steps, cuda)
+    time_into(row, steps, cuda)
 
 
-def run_train_step(impl: str, preset: str, dtype_name: str, reco_loss: str, device: str) -> Row:
+def _checked_not_timed(row: Row, case: Case, inputs: list[torch.Tensor], cuda: bool) -> bool:
+    """Check the fused loss of a train step's world-model outputs (``inputs``, the loss's
+    arguments) against the float64 reference into ``row``; True when that is the row's result: a
+    wrong loss, or a right one on a CPU (checked through Triton's interpreter, not timed)."""
+    wrong = case.check(inputs)
+    if wrong:
+        row.status = f"wrong: {wrong}"
+        return True
+    if not cuda:
+        row.status = ("correct (interpreter) on the world model's outputs; not timed (needs a "
+                      "CUDA GPU)")
+        row.extra["interpreter"] = True
+        return True
+    return False
+
+
+def run_train_step(impl: str, preset: str, dtype_name: str, case: V1Case, device: str) -> Row:
     """One optimizer step of :class:`~fused_dreamer_loss.models.ConvWorldModel` with the loss of
-    ``impl`` (fused or eager), under autocast for half dtypes."""
+    ``impl`` (fused or eager), under autocast for half dtypes.
+
+    The fused row is checked first: the fused loss of the world model's outputs in the first step
+    against the float64 reference (:func:`.peers.check_fused`). On a CPU it is only checked
+    (through Triton's interpreter), not timed."""
     from ..world_model_v1.models import ConvWorldModel
 
     batch, steps_, image, latent_dim = PRESETS[preset]
     cuda = device == "cuda"
-    row = Row(impl, preset, batch * steps_, list(image), latent_dim, dtype_name, "train-step",
-              None, None, None, extra={"workload": "train-step"})
+    row = case.row(impl, preset, dtype_name, "train-step")
+    row.extra["workload"] = "train-step"
     if impl not in ("fused", "eager"):
         row.status = "skipped: train-step compares fused with eager"
-        return row
-    if impl == "fused" and not cuda:
-        row.status = "skipped: a speed figure for the fused kernels needs a CUDA GPU"
         return row
     skipped = skip_reason(impl, cuda)
     if skipped:
@@ -184,7 +201,7 @@ def run_train_step(impl: str, preset: str, dtype_name: str, reco_loss: str, devi
     model = ConvWorldModel(image, latent_dim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     dtype = DTYPES[dtype_name]
-    loss = peers.loss_fn(impl, reco_loss)
+    loss = peers.loss_fn(impl, case.reco_loss)
 
     def frames_and_rewards(seed):
         g = torch.Generator(device).manual_seed(seed)
@@ -198,13 +215,17 @@ def run_train_step(impl: str, preset: str, dtype_name: str, reco_loss: str, devi
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
                 pm, ps, qm, qs, reco, pred_reward = model(pixels)
-            terms = loss(pm, ps, qm, qs, pixels, reco, reward, pred_reward)
-            sum(t.float() for t in terms).backward()
+            inputs = [pm, ps, qm, qs, pixels, reco, reward, pred_reward]
+            sum(t.float() for t in loss(*inputs)).backward()
             optimizer.step()
+            return inputs
         return step
 
     steps = [make_step(*s) for s in sets]
-    steps[0]()
+    inputs = steps[0]()
+    if impl == "fused" and _checked_not_timed(
+            row, case, [t.detach().requires_grad_(n) for t, n in zip(inputs, NEEDS_GRAD)], cuda):
+        return row
     _time_train_step(row, steps, cuda)
     return row
 
@@ -274,16 +295,9 @@ def run_train_step_v3(impl: str, preset: str, dtype_name: str, case: V3Case, dev
     steps = [make_step(make_v3_batch(preset, device, seed))
              for seed in range(ROTATION if cuda else 1)]
     outputs = steps[0]()
-    if impl == "fused":
-        wrong = case.check(world_model_loss_inputs(outputs, case.opts))
-        if wrong:
-            row.status = f"wrong: {wrong}"
-            return row
-        if not cuda:
-            row.status = ("correct (interpreter) on the world model's outputs; not timed (needs "
-                          "a CUDA GPU)")
-            row.extra["interpreter"] = True
-            return row
+    if impl == "fused" and _checked_not_timed(
+            row, case, world_model_loss_inputs(outputs, case.opts), cuda):
+        return row
     _time_train_step(row, steps, cuda)
     return row
 

@@ -1,10 +1,29 @@
-"""The one place that decides which backend runs a loss."""
+"""The one place that decides which backend runs a loss, and remembers the decision.
+
+A loss's functional entry point validates its inputs and options, picks a backend and prepares
+the call (for the fused kernels, a :class:`~fused_dreamer_loss.core.machinery.FusedCall`, whose
+launch plan the backward reuses). All of that depends on the inputs' signature only, not on
+their values, so it is done once per signature and kept: :func:`call_key` is the signature,
+:func:`remember` keeps a prepared call under it. A call whose inputs cannot be keyed (a
+non-tensor, a layout without strides, an option that is not hashable) or that runs under
+``torch.compile`` or a ``torch.func`` transform is prepared every time, so bad input raises the
+same error at every call.
+"""
 
 from __future__ import annotations
+
+import itertools
+import math
+import sys
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from .validation import check_backend
+
+#: Prepared calls one entry point keeps; past this many signatures it starts over.
+MAX_CALLS = 256
+_ONES = itertools.repeat(1.0)
 
 
 def require_triton() -> None:
@@ -36,3 +55,54 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU"
         )
     return backend
+
+
+def _dispatch_state() -> bool | None:
+    """What :func:`resolve_backend` reads besides its arguments: whether the kernels accept CPU
+    tensors (None until the machinery is imported)."""
+    machinery = sys.modules.get(f"{__package__}.machinery")
+    return None if machinery is None else machinery.INTERPRET
+
+
+def values_key(values: Sequence) -> tuple:
+    """``values`` (real numbers, strings, bools) as a key that tells apart what ``==`` does not:
+    their types (``True``, ``1`` and ``1.0`` are checked differently) and, for the numbers, the
+    sign of a zero (``-0.0`` gives ``-0.0`` losses)."""
+    values = tuple(values)
+    reals = [v for v in values if type(v) in (float, int)]
+    return values, tuple(map(type, values)), tuple(map(math.copysign, _ONES, reals))
+
+
+def cacheable() -> bool:
+    """Whether a call may be keyed: not under ``torch.compile`` (which traces the preparation
+    instead) nor a ``torch.func`` transform (whose tensors no kernel reads)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+def call_key(tensors: Iterable[torch.Tensor | None], options: tuple, backend: str,
+             *state) -> tuple | None:
+    """The signature of a call (where :func:`cacheable`): for each tensor its type, shape,
+    strides, dtype, device and ``requires_grad``; the options (already keyed, e.g. by
+    :func:`values_key`), the backend, the grad mode, the dispatch state and ``state``. None for
+    inputs that cannot be keyed (their validation says why)."""
+    key = [backend, options, torch.is_grad_enabled(), _dispatch_state(), *state]
+    try:
+        for t in tensors:
+            if t is None:
+                key.append(None)
+            else:
+                key += (type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+        key = tuple(key)
+        hash(key)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    return key
+
+
+def remember(calls: dict, key: tuple | None, prepared) -> None:
+    """Keep ``prepared`` under ``key`` in ``calls`` (nothing for a None key)."""
+    if key is None:
+        return
+    if len(calls) >= MAX_CALLS:
+        calls.clear()
+    calls[key] = prepared

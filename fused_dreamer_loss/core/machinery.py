@@ -24,21 +24,28 @@ touching memory; otherwise they recompute the gradients from the saved inputs in
 times the factor, rounding once. A later backward through the same graph (``retain_graph=True``)
 gets fresh buffers, always recomputed. ``create_graph=True``, and ``grad_outputs`` batched by a
 ``torch.func`` transform, differentiate the loss's pure-torch reference on the saved inputs
-instead. Under ``torch.compile`` the forward makes no gradients and
-the backward recomputes them into fresh tensors (the custom op ``fused_dreamer_loss::gradients``),
-because a traced backward cannot know whether it runs for the first time.
+instead. Under ``torch.compile`` the same happens in the custom ops: a traced backward cannot know
+whether it runs for the first time, but the op it calls, ``fused_dreamer_loss::gradients``, runs
+at run time and can. The forward op holds the gradients it makes outside the graph, keyed by its
+``keep`` tensor (which the backward gets), and the gradients op hands them over as eager mode does.
 """
 
 # No `from __future__ import annotations`: Triton reads the "fp64" annotations as written.
 import contextlib
 import functools
 import os
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd import forward_ad
+from triton import knobs
+from triton.runtime.driver import driver as triton_driver
+from triton.runtime.jit import JITFunction
 
 from .validation import FLOAT_DTYPES, kernels_can_take
 
@@ -55,6 +62,8 @@ INTERPRETER_BACKWARD_PROGRAMS = 4
 FINALIZE_BLOCK = 4096
 #: No output is clamped in the finalize.
 NO_CLAMP = -1
+#: Triton specialises a pointer argument on its 16-byte alignment.
+ALIGNMENT_MASK = 15
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,20 +182,30 @@ def flat_pair(target: torch.Tensor, prediction: torch.Tensor) -> tuple[torch.Ten
     are: an elementwise loss reduced over everything does not care about the order. Anything else
     is copied once.
     """
-    if _read_as_they_are(target, prediction):
+    if pair_as_is(target, prediction):
         return target, prediction
     return target.contiguous(), prediction.contiguous()
 
 
-def _read_as_they_are(target: torch.Tensor, prediction: torch.Tensor) -> bool:
+def pair_as_is(target: torch.Tensor, prediction: torch.Tensor) -> bool:
+    """Whether :func:`flat_pair` reads the pair as it is (no copy)."""
     return target.stride() == prediction.stride() and is_dense(target)
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def empty_pair_grad(t: torch.Tensor, target: torch.Tensor,
                     prediction: torch.Tensor) -> torch.Tensor:
     """An unwritten gradient of ``t`` (``target`` or ``prediction``), in the layout
     :func:`flat_pair` reads the pair in: theirs when they are read as they are, else contiguous."""
-    if _read_as_they_are(target, prediction):
+    if pair_as_is(target, prediction):
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
@@ -199,15 +218,30 @@ def backward_programs(device: torch.device) -> int:
     return BACKWARD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+class Finalize:
+    """The finalize launch of one plan: ``outs[t] = multipliers[t] × Σ partials[ranges[t]]``
+    (see :func:`finalize_kernel`), ranges, multipliers and clamp fixed; call it with
+    ``(partials, outs, keep)``."""
+
+    __slots__ = ("scalars", "launch")
+
+    def __init__(self, ranges: Sequence[tuple[int, int]], multipliers: Sequence[float],
+                 acc: tl.dtype, clamp: int = NO_CLAMP, clamp_value: float = 0.0):
+        m = [*multipliers, *[0.0] * (5 - len(multipliers))]
+        self.scalars = (tuple(tuple(r) for r in ranges), *m, clamp_value)
+        self.launch = Launch(sys.modules[__name__], "finalize_kernel", 1, dict(
+            N_OUT=len(multipliers), CLAMP=clamp, BLOCK=FINALIZE_BLOCK, ACC=acc))
+
+    def __call__(self, partials: torch.Tensor, outs: Sequence[torch.Tensor],
+                 keep: torch.Tensor) -> None:
+        self.launch(partials, tuple(outs), keep, *self.scalars)
+
+
 def launch_finalize(partials: torch.Tensor, outs: Sequence[torch.Tensor], keep: torch.Tensor,
                     ranges: Sequence[tuple[int, int]], multipliers: Sequence[float],
                     clamp: int = NO_CLAMP, clamp_value: float = 0.0) -> None:
     """``outs[t] = multipliers[t] × Σ partials[ranges[t]]`` (see :func:`finalize_kernel`)."""
-    m = [*multipliers, *[0.0] * (5 - len(multipliers))]
-    finalize_kernel[(1,)](
-        partials, tuple(outs), keep, tuple(tuple(r) for r in ranges), *m, clamp_value,
-        N_OUT=len(outs), CLAMP=clamp, BLOCK=FINALIZE_BLOCK, ACC=acc_dtype(keep)[1],
-    )
+    Finalize(ranges, multipliers, acc_dtype(keep)[1], clamp, clamp_value)(partials, outs, keep)
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -230,10 +264,106 @@ def empty_outputs(inputs: Sequence[Optional[torch.Tensor]], loss_dtypes: Sequenc
     return [*losses, keep, *(empty_grad(inputs, i) for i, n in enumerate(needs) if n)]
 
 
+def empty_partials_and_keep(programs: int, n_out: int, dtype: torch.dtype,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One allocation for a forward's partial sums (``programs``, the main kernel's) and its keep
+    flags (``n_out``, the finalize's): ``(partials, keep)``. The flags come first (at offset 0,
+    as a tensor of their own would be), the partials at the next 16-byte boundary (their pointer
+    aligned, which the compiled kernels assume)."""
+    per_line = (ALIGNMENT_MASK + 1) // dtype.itemsize
+    start = -(-n_out // per_line) * per_line
+    small = torch.empty(start + programs, dtype=dtype, device=device)
+    return small[start:], small[:n_out]
+
+
 def by_input(made: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[Optional[torch.Tensor]]:
     """The gradients the forward made, one per input: None where ``needs`` asked for none."""
     made_iter = iter(made)
     return [next(made_iter) if n else None for n in needs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches
+# ---------------------------------------------------------------------------------------------
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a launch hook (a profiler's) is registered: then every launch goes through
+    Triton's dispatch, which builds the launch metadata the hooks read. (Triton 3.5 and later
+    keep the hooks in chains, never None; earlier releases a hook or None.)"""
+    runtime = knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return (enter is not None and getattr(enter, "calls", True)) or \
+        (leave is not None and getattr(leave, "calls", True))
+
+
+class Launch:
+    """``kernel[(programs,)](*args, **constexprs)`` with the grid and the constexprs of one plan.
+
+    The first call goes through Triton's dispatch (its binder, its cache lookup, compiling if
+    need be). Later calls launch the compiled kernel it returned directly, with the argument
+    values Triton's dispatch would pass (its ``src.signature`` names them: the runtime
+    arguments, tensors as data pointers, and the constexprs), when nothing that dispatch would
+    decide differently has changed: the kernel object (tests replace it), every pointer 16-byte
+    aligned as it was when compiled (the one property of an argument Triton specialises on that
+    a plan does not fix: sizes, strides and flags are the plan's), no launch hook, the same
+    device. Anything else takes Triton's dispatch. Under Triton's interpreter every call does.
+
+    Attributes:
+        owner, name: where the kernel is looked up at each call (``getattr(owner, name)``).
+    """
+
+    __slots__ = ("owner", "name", "programs", "constexprs", "_direct")
+
+    def __init__(self, owner: Any, name: str, programs: int, constexprs: dict):
+        self.owner, self.name, self.programs, self.constexprs = owner, name, programs, constexprs
+        self._direct = None  # (kernel, compiled, device, tensor slots, tuple slots, tail)
+
+    def __call__(self, *args) -> None:
+        kernel = getattr(self.owner, self.name)
+        direct = self._direct
+        if direct is not None and direct[0] is kernel and not _launch_hooks_set():
+            _, compiled, device, tensors, tuples, tail = direct
+            values = list(args)
+            misaligned = 0
+            for i in tensors:
+                ptr = values[i].data_ptr()
+                misaligned |= ptr
+                values[i] = ptr
+            for i in tuples:
+                ptrs = tuple(t.data_ptr() for t in values[i])
+                for ptr in ptrs:
+                    misaligned |= ptr
+                values[i] = ptrs
+            active = triton_driver.active
+            if not misaligned & ALIGNMENT_MASK and active.get_current_device() == device:
+                compiled.run(self.programs, 1, 1, active.get_current_stream(device),
+                             compiled.function, compiled.packed_metadata, None, None, None,
+                             *values, *tail)
+                return
+        compiled = kernel[(self.programs,)](*args, **self.constexprs)
+        self._direct = self._direct_entry(kernel, compiled, args)
+
+    def _direct_entry(self, kernel, compiled, args):
+        """What a direct launch of ``compiled`` needs, or None where it cannot take one: not a
+        compiled kernel (the interpreter, a test's spy), or a pointer that was not aligned."""
+        if not isinstance(kernel, JITFunction) or not hasattr(compiled, "packed_metadata"):
+            return None
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        tuples = [i for i, a in enumerate(args)
+                  if isinstance(a, tuple) and any(isinstance(t, torch.Tensor) for t in a)]
+        if not all(isinstance(t, torch.Tensor) for i in tuples for t in args[i]):
+            return None
+        pointers = [args[i] for i in tensors] + [t for i in tuples for t in args[i]]
+        if any(t.data_ptr() & ALIGNMENT_MASK for t in pointers):
+            return None
+        names = list(compiled.src.signature)
+        params = kernel.arg_names
+        order = [n if isinstance(n, int) else params.index(n) for n in names]
+        if order[:len(args)] != list(range(len(args))):
+            return None
+        tail = tuple(self.constexprs[params[i]] for i in order[len(args):])
+        return kernel, compiled, triton_driver.active.get_current_device(), tensors, tuples, tail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +390,15 @@ class LossKernels:
         encode: ``(options, shapes) -> (floats, ints)``: the options and loss dtypes as the
             launchers' scalar arguments (so that they are also custom-op arguments).
         reference: ``(inputs, options, shapes) -> losses``: the pure-torch loss on the same inputs,
-            differentiable twice; used for ``create_graph=True``.
+            differentiable twice; used for ``create_graph=True`` and forward-mode AD.
+        plan: ``(inputs, floats, ints) -> plan``, optional: what ``forward`` and ``backward``
+            launch for inputs of this signature (shapes, strides, dtypes, device), worked out
+            once: ``plan.forward(inputs, needs) -> (losses, keep, grads)`` (``grads`` one per
+            input, None where ``needs`` asks for none) and ``plan.backward(inputs, keep,
+            grad_outputs, grads, skip_if_one)`` do what ``forward`` and ``backward`` do. Eager
+            calls prepared once per signature (:class:`FusedCall`) reuse it.
+        input_names: ``(ints, n_inputs) -> names``, optional: the inputs' argument names, for
+            error messages.
     """
 
     name: str
@@ -271,6 +409,8 @@ class LossKernels:
     empty_grad: Callable[[Sequence[Optional[torch.Tensor]], int], torch.Tensor]
     encode: Callable[[Any, Any], tuple[list[float], list[int]]]
     reference: Callable[..., Sequence[torch.Tensor]]
+    plan: Optional[Callable[..., Any]] = None
+    input_names: Optional[Callable[[Sequence[int], int], Sequence[str]]] = None
 
 
 LOSSES: dict[str, LossKernels] = {}
@@ -284,19 +424,42 @@ def register(kernels: LossKernels) -> LossKernels:
 
 def on_device(t: torch.Tensor):
     """A context in which Triton launches on ``t``'s GPU (it launches on the current device, which
-    need not be the tensors')."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    need not be the tensors'); nothing to switch when it is the current one."""
+    device = t.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_SWITCH
+    return torch.cuda.device(device)
+
+
+_NO_SWITCH = contextlib.nullcontext()
+
+
+#: What a compiled forward made for its backward: the gradients (one entry per input, None where
+#: none was made or once handed out), keyed by the storage of the forward's ``keep`` tensor, which
+#: the backward gets as a saved tensor. An entry goes with that storage: when the autograd graph
+#: is freed, backward or not.
+_HELD: "weakref.WeakKeyDictionary[torch.UntypedStorage, list]" = weakref.WeakKeyDictionary()
 
 
 def _gradients(loss: str, inputs: list[Optional[torch.Tensor]], floats: list[float],
                ints: list[int], keep: torch.Tensor, grad_outputs: list[Optional[torch.Tensor]],
                wanted: list[bool]) -> list[torch.Tensor]:
-    """Fresh gradients, ``factor × d loss / d input``, of the inputs in ``wanted``."""
+    """``factor × d loss / d input`` of the inputs in ``wanted``: the gradients the forward held
+    the first time a term asks (left as they are when its factor is 1, fixed in place otherwise),
+    fresh ones after that."""
     kernels = LOSSES[loss]
-    grads = [kernels.empty_grad(inputs, i) if w else None for i, w in enumerate(wanted)]
+    held = _HELD.get(keep.untyped_storage(), [None] * len(inputs))
+    terms = kernels.terms(ints, len(inputs))
+    grads = [held[i] if w else None for i, w in enumerate(wanted)]
+    skip_if_one = [all(g is not None for g, w, t in zip(grads, wanted, terms) if w and t == term)
+                   for term in range(len(grad_outputs))]
+    for i, w in enumerate(wanted):
+        if w:
+            held[i] = None
+            if grads[i] is None:
+                grads[i] = kernels.empty_grad(inputs, i)
     with on_device(keep):
-        kernels.backward(inputs, floats, ints, keep, grad_outputs, grads,
-                         [False] * len(grad_outputs))
+        kernels.backward(inputs, floats, ints, keep, grad_outputs, grads, skip_if_one)
     return [g for g in grads if g is not None]
 
 
@@ -311,115 +474,269 @@ def _forward(loss: str, inputs: list[Optional[torch.Tensor]], floats: list[float
         return LOSSES[loss].forward(inputs, floats, ints, needs)
 
 
-def _forward_fake(loss, inputs, floats, ints, needs):
-    return LOSSES[loss].forward_fake(inputs, floats, ints, needs)
+def _forward_holding(loss: str, inputs: list[Optional[torch.Tensor]], floats: list[float],
+                     ints: list[int], needs: list[bool]) -> list[torch.Tensor]:
+    """The forward for the compiler: ``[*losses, keep]``. The gradients it makes (of the inputs in
+    ``needs``, for a ``grad_output`` of 1) are held for :func:`_gradients`, not returned."""
+    outs = _forward(loss, inputs, floats, ints, needs)
+    n_made = sum(needs)
+    kept = outs[:len(outs) - n_made]
+    if n_made:
+        _HELD[kept[-1].untyped_storage()] = by_input(outs[len(outs) - n_made:], needs)
+    return kept
 
 
-# Custom ops: how torch.compile sees the launchers. Dynamo cannot trace a Triton launch (nor
+def _forward_holding_fake(loss, inputs, floats, ints, needs):
+    return LOSSES[loss].forward_fake(inputs, floats, ints, [False] * len(needs))
+
+
+# Custom ops: how torch.compile sees the fused loss. Dynamo cannot trace a Triton launch (nor
 # Triton's interpreter), so under torch.compile the Function calls these: opaque to the tracer,
-# with fake implementations for shapes. Both are functional (no argument is written). In eager
-# mode the Function calls the launchers directly and skips the dispatcher (about 20 µs of host
-# time per call, measured on this project's CPU VM).
-forward_op = torch.library.custom_op("fused_dreamer_loss::forward", _forward, mutates_args=())
-forward_op.register_fake(_forward_fake)
+# with fake implementations for shapes. To the compiler both are functional: no argument is
+# written, every output is a tensor it has not seen. The gradients the forward makes travel
+# outside the graph (:data:`_HELD`), so that the backward can hand them over, as eager mode does.
+# Memory the compiler does not see must not come from a pool it manages: CUDA graph trees
+# (``mode="reduce-overhead"``) account for every live block of their pool as a graph output, so
+# there the ops run between the captured partitions (``cudagraph_unsafe``). A capture of the whole
+# step (``torch.cuda.graph``) replays them like any kernel. In eager mode the Function calls the
+# launchers directly and skips the dispatcher (about 20 µs of host time per call, measured on this
+# project's CPU VM).
+forward_op = torch.library.custom_op("fused_dreamer_loss::forward", _forward_holding,
+                                     mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+forward_op.register_fake(_forward_holding_fake)
 gradients_op = torch.library.custom_op("fused_dreamer_loss::gradients", _gradients,
-                                       mutates_args=())
+                                       mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 gradients_op.register_fake(_gradients_fake)
 
 
-def _differentiable_gradients(kernels: LossKernels, ctx, inputs, grad_outputs):
+class _Unplanned:
+    """The plan interface over a loss's plain ``forward`` and ``backward`` (a loss without
+    ``plan``)."""
+
+    def __init__(self, kernels: LossKernels, floats: list[float], ints: list[int]):
+        self.kernels, self.floats, self.ints = kernels, floats, ints
+
+    def forward(self, inputs, needs):
+        outs = self.kernels.forward(list(inputs), self.floats, self.ints, list(needs))
+        n_out = len(outs) - 1 - sum(needs)
+        return outs[:n_out], outs[n_out], by_input(outs[n_out + 1:], needs)
+
+    def backward(self, inputs, keep, grad_outputs, grads, skip_if_one):
+        self.kernels.backward(inputs, self.floats, self.ints, keep, grad_outputs, grads,
+                              skip_if_one)
+
+
+class FusedCall:
+    """One fused loss on inputs of one signature, its options checked: what
+    :class:`FusedLossFunction` needs, worked out once. The functional entry points keep one per
+    signature (shapes, strides, dtypes, device, ``requires_grad``, grad mode, options) and reuse
+    it, forward and backward; it holds no tensor.
+
+    Args:
+        kernels, options, shapes: the loss, its checked options and the inputs' summary.
+        inputs: inputs of the signature (the plan is worked out from them; under
+            ``torch.compile`` none is, the custom ops plan for themselves).
+        grad_enabled: the grad mode the calls run in.
+    """
+
+    __slots__ = ("kernels", "options", "shapes", "floats", "ints", "terms", "needs", "saved",
+                 "held", "names", "plan")
+
+    def __init__(self, kernels: LossKernels, options, shapes,
+                 inputs: Sequence[Optional[torch.Tensor]], grad_enabled: bool):
+        self.kernels, self.options, self.shapes = kernels, options, shapes
+        self.floats, self.ints = kernels.encode(options, shapes)
+        self.terms = kernels.terms(self.ints, len(inputs))
+        #: The inputs whose gradient the forward makes: those that require grad, in grad mode.
+        self.needs = tuple(bool(grad_enabled and t is not None and t.requires_grad)
+                           for t in inputs)
+        #: Saved for backward (autograd checks they are not modified in place): the inputs that
+        #: get a gradient. The others (targets) the backward reads only to recompute, so they
+        #: are held without a check (see :meth:`FusedLossFunction.backward`).
+        self.saved = tuple(i for i, n in enumerate(self.needs) if n)
+        self.held = tuple(i for i, (t, n) in enumerate(zip(inputs, self.needs))
+                          if t is not None and not n)
+        names = kernels.input_names(self.ints, len(inputs)) if kernels.input_names else None
+        self.names = tuple(names or (f"input {i}" for i in range(len(inputs))))
+        self.plan = None
+        if not torch.compiler.is_compiling():
+            plan = kernels.plan
+            self.plan = (plan(inputs, self.floats, self.ints) if plan is not None
+                         else _Unplanned(kernels, self.floats, self.ints))
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter; None for an inference tensor, which has none (and cannot be
+    modified outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _differentiable_gradients(call: FusedCall, needs, inputs, grad_outputs):
     """``create_graph=True`` (or batched ``grad_outputs``): the gradients as a torch computation on
     the saved inputs (which carry their autograd history), differentiable again, with respect to
-    the inputs and to ``grad_outputs``."""
-    wanted = [t for t, n in zip(inputs, ctx.needs) if n]
+    the inputs in ``needs`` and to ``grad_outputs``."""
+    wanted = [t for t, n in zip(inputs, needs) if n]
     with torch.enable_grad():
-        losses = kernels.reference(inputs, ctx.options, ctx.shapes)
+        losses = call.kernels.reference(inputs, call.options, call.shapes)
         pairs = [(loss, g.to(loss.dtype)) for loss, g in zip(losses, grad_outputs)
                  if g is not None and loss.requires_grad]
         if not pairs:
             return [None] * len(inputs)
         grads = torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs],
                                     create_graph=True, allow_unused=True)
-    return by_input(grads, ctx.needs)
+    return by_input(grads, needs)
 
 
 class FusedLossFunction(torch.autograd.Function):
     """Autograd over one fused loss (see the module docstring for the contract it keeps).
 
-    ``apply(kernels, options, shapes, grad_enabled, *inputs)`` returns the loss's outputs. Inputs
-    may be None (an absent optional tensor). ``grad_enabled`` is the caller's grad mode: under
-    ``torch.no_grad()`` autograd still reports ``needs_input_grad``, but no backward can follow, so
-    the forward writes no gradient.
+    ``apply(call, grad_enabled, *inputs)`` returns the loss's outputs for a :class:`FusedCall`
+    of the inputs' signature. Inputs may be None (an absent optional tensor). ``grad_enabled`` is
+    the caller's grad mode: under ``torch.no_grad()`` autograd still reports
+    ``needs_input_grad``, but no backward can follow, so the forward writes no gradient.
+
+    Saved for backward: the inputs that get a gradient (autograd's in-place check applies to
+    them, as the torch backend's ops save them too) and the keep flags. The other inputs
+    (targets: frames, rewards, flags, bins) are held without a saved-tensor check, so that targets
+    made under ``torch.inference_mode()`` train, and a target rewritten in place between forward
+    and backward (a replay buffer's uint8 frames) does not fail a backward that does not read it:
+    with a grad output of 1 the first backward reads no input. A backward that would read a
+    rewritten target instead rescales the forward's gradients by the factor on the device (one
+    more rounding where the factor is not 1), and a later one, which must recompute, raises a
+    RuntimeError naming it. Under ``torch.compile`` every input is saved.
     """
 
     @staticmethod
-    def forward(ctx, kernels: LossKernels, options, shapes, grad_enabled: bool, *inputs):
+    def forward(ctx, call: FusedCall, grad_enabled: bool, *inputs):
         ctx.set_materialize_grads(False)
-        needs = [bool(grad_enabled and n and t is not None)
-                 for n, t in zip(ctx.needs_input_grad[4:], inputs)]
-        floats, ints = kernels.encode(options, shapes)
-        compiling = torch.compiler.is_compiling()
-        forward = forward_op if compiling else _forward
-        # Compiled: the backward recomputes every gradient, so the forward makes none.
-        made_needs = [False] * len(needs) if compiling else needs
-        outs = forward(kernels.name, list(inputs), floats, ints, made_needs)
-        n_out = len(outs) - 1 - sum(made_needs)
-        losses, keep, made = outs[:n_out], outs[n_out], outs[n_out + 1:]
+        if torch.compiler.is_compiling():
+            needs = [bool(grad_enabled and n and t is not None)
+                     for n, t in zip(ctx.needs_input_grad[2:], inputs)]
+            # Compiled: the forward op holds its gradients for the gradients op (see _HELD).
+            outs = forward_op(call.kernels.name, list(inputs), call.floats, call.ints, needs)
+            losses, keep = outs[:-1], outs[-1]
+            grads = [None] * len(needs)
+            if any(needs):
+                ctx.save_for_backward(*inputs, keep)
+        else:
+            needs = call.needs
+            with on_device(inputs[0]):
+                losses, keep, grads = call.plan.forward(inputs, needs)
+            if call.saved:
+                ctx.save_for_backward(*[inputs[i] for i in call.saved], keep)
+                ctx.held = [(i, inputs[i], _version(inputs[i])) for i in call.held]
         if any(needs):
             # The gradient buffers are not saved tensors: a user may modify one in place once it
             # is handed out (torch allows that), which a saved tensor's version check would refuse.
-            ctx.save_for_backward(*inputs, keep)
-            ctx.forward_grads = by_input(made, made_needs)
-            ctx.kernels, ctx.options, ctx.shapes = kernels, options, shapes
-            ctx.needs, ctx.floats, ctx.ints = needs, floats, ints
-            ctx.input_terms = kernels.terms(ints, len(inputs))
-            ctx.handed_out = [False] * n_out
+            ctx.forward_grads = grads
+            ctx.call, ctx.needs, ctx.n_inputs = call, needs, len(inputs)
+            ctx.handed_out = [False] * len(losses)
         return tuple(losses)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        kernels = ctx.kernels
-        n = len(ctx.needs)
-        saved = ctx.saved_tensors  # raises if an input was modified in place since the forward
-        inputs, keep = list(saved[:n]), saved[n]
-        if torch.is_grad_enabled() or not kernels_can_take(grad_outputs):
-            grads = _differentiable_gradients(kernels, ctx, inputs, grad_outputs)
+        call = ctx.call
+        saved = ctx.saved_tensors  # raises if a saved input was modified in place since forward
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            inputs, keep, rewritten = list(saved[:-1]), saved[-1], ()
+        else:
+            inputs, keep, rewritten = _eager_inputs(ctx, call, saved)
+        differentiable = torch.is_grad_enabled() or not kernels_can_take(grad_outputs)
+        if differentiable:
+            _refuse_rewritten(call, rewritten, "to differentiate the loss again")
+            grads = _differentiable_gradients(call, ctx.needs, inputs, grad_outputs)
         else:
             active = [g is not None for g in grad_outputs]
-            wanted = [need and active[term] for need, term in zip(ctx.needs, ctx.input_terms)]
-            if torch.compiler.is_compiling():
-                fresh = gradients_op(kernels.name, inputs, ctx.floats, ctx.ints, keep,
+            wanted = [need and active[term] for need, term in zip(ctx.needs, call.terms)]
+            if compiling:
+                fresh = gradients_op(call.kernels.name, inputs, call.floats, call.ints, keep,
                                      list(grad_outputs), wanted)
                 grads = by_input(fresh, wanted)
             else:
-                grads = _eager_gradients(ctx, inputs, keep, grad_outputs, wanted)
-        return (None, None, None, None, *grads)
+                grads = _eager_gradients(ctx, call, inputs, keep, grad_outputs, wanted,
+                                         rewritten)
+        return (None, None, *grads)
 
 
-def _eager_gradients(ctx, inputs, keep, grad_outputs, wanted):
+def _eager_inputs(ctx, call: FusedCall, saved):
+    """The inputs as the forward saw them, the keep flags, and the held inputs that were
+    rewritten in place since."""
+    inputs = [None] * ctx.n_inputs
+    for i, t in zip(call.saved, saved):
+        inputs[i] = t
+    rewritten = []
+    for i, t, version in ctx.held:
+        inputs[i] = t
+        if version is not None and t._version != version:
+            rewritten.append(i)
+    return inputs, saved[-1], rewritten
+
+
+def _refuse_rewritten(call: FusedCall, rewritten: Sequence[int], why: str) -> None:
+    if rewritten:
+        names = ", ".join(call.names[i] for i in rewritten)
+        raise RuntimeError(
+            f"{names} was modified in place after the fused loss's forward, and the backward "
+            f"needs its values {why}; leave it unchanged until the backward, modify a clone, "
+            "or use backend='torch'")
+
+
+def _eager_gradients(ctx, call: FusedCall, inputs, keep, grad_outputs, wanted, rewritten):
     """The first backward that needs a term gets the forward's buffers, fixed in place when the
     factor is not 1; later ones get fresh buffers (see the module docstring). The context lets go
-    of a buffer it hands out, so that autograd may keep it as ``.grad`` without a copy."""
-    kernels = ctx.kernels
-    grads = []
-    for i, (w, term) in enumerate(zip(wanted, ctx.input_terms)):
+    of a buffer it hands out, so that autograd may keep it as ``.grad`` without a copy. A term
+    with a rewritten input is rescaled on the device the first time, and refused after."""
+    kernels, terms = call.kernels, call.terms
+    stale = {terms[i] for i in rewritten}
+    grads, rescaled = [], []
+    for i, (w, term) in enumerate(zip(wanted, terms)):
         if not w:
             grads.append(None)
         elif ctx.handed_out[term]:
+            if term in stale:
+                _refuse_rewritten(call, [j for j in rewritten if terms[j] == term],
+                                  "to recompute the gradients (a second backward)")
             grads.append(kernels.empty_grad(inputs, i))
         else:
-            grads.append(ctx.forward_grads[i])
-            ctx.forward_grads[i] = None
-    if any(wanted):
+            buffer, ctx.forward_grads[i] = ctx.forward_grads[i], None
+            if term in stale:
+                rescaled.append((i, buffer, term))
+            grads.append(None if term in stale else buffer)
+    if any(g is not None for g in grads):
         with on_device(keep):
-            kernels.backward(inputs, ctx.floats, ctx.ints, keep, list(grad_outputs), grads,
-                             [not h for h in ctx.handed_out])
-    for w, term in zip(wanted, ctx.input_terms):
+            call.plan.backward(inputs, keep, list(grad_outputs), grads,
+                               [not h for h in ctx.handed_out])
+    for i, buffer, term in rescaled:
+        # the factor term_factor reads on the device, as a tensor: no host sync
+        factor = torch.where(keep[term] != 0, grad_outputs[term].to(keep.dtype), 0.0)
+        grads[i] = buffer.mul_(factor)
+    for w, term in zip(wanted, terms):
         if w:
             ctx.handed_out[term] = True
     return grads
 
 
+def _has_tangent(inputs: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad``) carries a tangent on an input."""
+    if forward_ad._current_level < 0:  # no dual level entered: no tangent anywhere
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in inputs)
+
+
+def run(call: FusedCall, inputs: Sequence[Optional[torch.Tensor]]):
+    """Run a prepared fused loss: its outputs, differentiable. Under forward-mode AD (an input
+    with a tangent) the loss's reference computes them, with their tangents: an
+    ``autograd.Function`` without ``jvp`` cannot carry one."""
+    if _has_tangent(inputs):
+        return tuple(call.kernels.reference(list(inputs), call.options, call.shapes))
+    return FusedLossFunction.apply(call, torch.is_grad_enabled(), *inputs)
+
+
 def apply(kernels: LossKernels, options, shapes, inputs: Sequence[Optional[torch.Tensor]]):
-    """Run a fused loss on validated inputs: its outputs, differentiable."""
-    return FusedLossFunction.apply(kernels, options, shapes, torch.is_grad_enabled(), *inputs)
+    """Run a fused loss on validated inputs: its outputs, differentiable (the call is prepared
+    here; the functional entry points keep prepared calls and use :func:`run`)."""
+    return run(FusedCall(kernels, options, shapes, inputs, torch.is_grad_enabled()), inputs)

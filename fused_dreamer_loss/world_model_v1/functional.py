@@ -6,7 +6,8 @@ import dataclasses
 
 import torch
 
-from ..core.dispatch import require_triton, resolve_backend
+from ..core.dispatch import (cacheable, call_key, remember, require_triton, resolve_backend,
+                             values_key)
 from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import LossOptions, check_options_fit, validate_inputs
@@ -95,21 +96,49 @@ def dreamer_model_loss(
         >>> reco_pixels.grad.shape
         torch.Size([4, 5, 3, 16, 16])
     """
-    shapes = validate_inputs(prior_mean, prior_std, posterior_mean, posterior_std,
-                             pixels, reco_pixels, true_reward, pred_reward)
+    tensors = (prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
+               true_reward, pred_reward)
+    options = (lambda_kl, lambda_reco, lambda_reward, free_nats, reco_loss, reward_loss,
+               delayed_clamp, global_average)
+    key = (call_key(tensors, values_key(options), backend, _autocast_state(prior_mean))
+           if cacheable() else None)
+    prepared = _CALLS.get(key) if key is not None else None
+    if prepared is None:
+        prepared = _prepare(tensors, options, backend)
+        remember(_CALLS, key, prepared)
+    return prepared(tensors)
+
+
+#: Prepared calls by signature (see :func:`fused_dreamer_loss.core.dispatch.call_key`).
+_CALLS: dict = {}
+
+
+def _autocast_state(t: torch.Tensor) -> bool:
+    """Whether autocast is on for ``t``'s device type (it changes the fused losses' dtypes);
+    False for a device type without autocast (``meta``)."""
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:
+        return False
+
+
+def _prepare(tensors: tuple[torch.Tensor, ...], options: tuple, backend: str):
+    """Validate a call and pick its backend: a function of the call's tensors that computes the
+    losses, for every call of the same signature. Raises on bad input."""
+    shapes = validate_inputs(*tensors)
+    lambda_kl, lambda_reco, lambda_reward, free_nats, reco_loss, reward_loss, delayed_clamp, \
+        global_average = options
     opts = LossOptions(lambda_kl, lambda_reco, lambda_reward, reco_loss, reward_loss, free_nats,
                        delayed_clamp, global_average)
     check_options_fit(opts, shapes)
-    tensors = (prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
-               true_reward, pred_reward)
     check_backend(backend)
-    if not kernels_can_take(tensors) or resolve_backend(backend, prior_mean.device) == "torch":
-        return reference.checked_dreamer_model_loss(
-            prior_mean, prior_std, posterior_mean, posterior_std, pixels, reco_pixels,
-            true_reward, pred_reward, opts, len(shapes.batch_shape),
-        )
-    if torch.is_autocast_enabled(prior_mean.device.type):
+    batch_dims = len(shapes.batch_shape)
+    if not kernels_can_take(tensors) or resolve_backend(backend, tensors[0].device) == "torch":
+        return lambda t: reference.checked_dreamer_model_loss(*t, opts, batch_dims)
+    if _autocast_state(tensors[0]):
         # Autocast computes losses (mse_loss, l1_loss, smooth_l1_loss) in float32: so do we.
         shapes = dataclasses.replace(shapes, loss_dtypes=tuple(
             torch.promote_types(d, torch.float32) for d in shapes.loss_dtypes))
-    return _triton_kernels().fused_dreamer_model_loss(*tensors, shapes, opts)
+    kernels = _triton_kernels()
+    call = kernels.prepare(opts, shapes, tensors)
+    return lambda t: kernels.run(call, t)

@@ -37,6 +37,7 @@ by zero (torch's ``clamp_min`` passes the gradient where ``x >= free_nats``).
 
 # No `from __future__ import annotations` here: Triton reads the "fp64" scalar annotations as
 # written, and postponed evaluation would turn them into quoted strings.
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -45,12 +46,13 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .validation import DISTANCES, LossOptions, LossShapes
+from .validation import (DISTANCES, IMAGE_NAMES, LATENT_NAMES, REWARD_NAMES, LossOptions,
+                         LossShapes)
 from ..core import machinery
 from ..core.machinery import (NO_CLAMP, acc_dtype, backward_programs, code_dtype,
-                        dtype_code, flat_pair, scalar, store, term_factor)
+                              contiguous_strides, dtype_code, scalar, store, term_factor)
 
-__all__ = ["KERNELS", "fused_dreamer_model_loss"]
+__all__ = ["KERNELS", "prepare", "run"]
 
 #: Bytes of one image program's tile, per tensor (8192 float32 or 16384 bfloat16 elements);
 #: chosen with NUM_WARPS by bench/sweep.py (bench/NOTES.md).
@@ -66,6 +68,7 @@ NUM_WARPS = 16
 #: Output (term) order, and the term of each of the eight inputs.
 KL, RECO, REWARD = 0, 1, 2
 INPUT_TERMS = (KL, KL, KL, KL, RECO, RECO, REWARD, REWARD)
+INPUT_NAMES = (*LATENT_NAMES, *IMAGE_NAMES, *REWARD_NAMES)
 
 
 @triton.jit
@@ -76,8 +79,8 @@ def _distance(d, KIND: tl.constexpr):
         dloss = 2.0 * d
     elif KIND == 1:
         loss = tl.abs(d)
-        # sign(d) with sign(0) = 0; `d * 0.0` also carries a NaN through.
-        dloss = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d * 0.0))
+        # torch's sign(d): 0 at 0 and at NaN (|d|'s gradient there)
+        dloss = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     else:
         ad = tl.abs(d)
         loss = tl.where(ad < 1.0, 0.5 * d * d, ad - 0.5)
@@ -287,34 +290,10 @@ def _dreamer_loss_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Launch:
-    """Grid segments, tile sizes and scalar arguments of one call."""
-
-    block_r: int
-    block_d: int
-    image_block: int
-    kl_programs: int
-    reward_programs: int
-    image_programs: int
-
-    @property
-    def programs(self) -> int:
-        return self.kl_programs + self.reward_programs + self.image_programs
-
-
-def _plan(rows: int, latent_dim: int, image_numel: int, image_itemsize: int) -> _Launch:
-    block_d = min(triton.next_power_of_2(latent_dim), MAX_LATENT_BLOCK_D)
-    block_r = max(1, LATENT_TILE // block_d)
-    image_block = IMAGE_TILE_BYTES // image_itemsize
-    return _Launch(
-        block_r=block_r,
-        block_d=block_d,
-        image_block=image_block,
-        kl_programs=triton.cdiv(rows, block_r),
-        reward_programs=triton.cdiv(rows, REWARD_BLOCK),
-        image_programs=triton.cdiv(image_numel, image_block),
-    )
+def tuning() -> tuple:
+    """The module constants a plan is worked out from (the tests shrink them)."""
+    return (IMAGE_TILE_BYTES, REWARD_BLOCK, LATENT_TILE, MAX_LATENT_BLOCK_D, NUM_WARPS,
+            machinery.FINALIZE_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -343,23 +322,26 @@ def _encode(opts: LossOptions, shapes: LossShapes) -> tuple[list[float], list[in
     return floats, ints
 
 
-def _kernel_views(inputs: Sequence[torch.Tensor]):
-    """The inputs as the kernels read them: latents ``[rows, D]`` (strided), the images flat in one
-    shared layout, the rewards flat and contiguous."""
-    prior_mean, pixels, reco_pixels = inputs[0], inputs[4], inputs[5]
-    D = prior_mean.shape[-1]
-    R = prior_mean.numel() // D
-    latents = [t.reshape(R, D) for t in inputs[0:4]]
-    images = list(flat_pair(pixels, reco_pixels))
-    rewards = [t.reshape(-1).contiguous() for t in inputs[6:8]]
-    return latents, images, rewards
+def _views_as_is(inputs: Sequence[torch.Tensor], rows: int, latent_dim: int) -> tuple[bool, ...]:
+    """For each input, whether the kernels read it as it is (the latents as ``[rows, D]``
+    views, the images flat in the layout they share, the rewards flat), or a copy."""
+    def viewable(t):
+        try:
+            t.view(rows, latent_dim)
+        except RuntimeError:
+            return False
+        return True
+
+    pair = machinery.pair_as_is(inputs[4], inputs[5])
+    return (*(viewable(t) for t in inputs[0:4]), pair, pair,
+            *(t.is_contiguous() for t in inputs[6:8]))
 
 
-def _counts(R: int, D: int, image_numel: int, o: _Options) -> tuple[int, int, int]:
-    """What each term averages over: (kl, reco, reward)."""
-    if o.global_average:
-        return R * D, image_numel, R
-    return R, R, R
+def _copy_for_kernels(t: torch.Tensor, i: int, rows: int, latent_dim: int) -> torch.Tensor:
+    """Input ``i`` copied into the layout the kernels read (see :func:`_views_as_is`)."""
+    if INPUT_TERMS[i] == KL:
+        return t.reshape(rows, latent_dim)
+    return t.contiguous()
 
 
 def _empty_grad(inputs: Sequence[Optional[torch.Tensor]], i: int) -> torch.Tensor:
@@ -371,54 +353,140 @@ def _empty_grad(inputs: Sequence[Optional[torch.Tensor]], i: int) -> torch.Tenso
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _grad_pointers(grads: Sequence[Optional[torch.Tensor]], dummy: torch.Tensor):
-    """Absent gradients get a harmless pointer: the kernels never touch it (constexpr flags)."""
-    return [dummy if g is None else g for g in grads]
+#: The gradient flags of the two kernels, in input order.
+GRAD_FLAGS = ("GRAD_PM", "GRAD_PS", "GRAD_QM", "GRAD_QS", "GRAD_PIXELS", "GRAD_RECO",
+              "GRAD_TRUE_REWARD", "GRAD_PRED_REWARD")
 
 
-def _grad_flags(grads: Sequence[Optional[torch.Tensor]]) -> dict[str, bool]:
-    names = ("GRAD_PM", "GRAD_PS", "GRAD_QM", "GRAD_QS", "GRAD_PIXELS", "GRAD_RECO",
-             "GRAD_TRUE_REWARD", "GRAD_PRED_REWARD")
-    return {name: g is not None for name, g in zip(names, grads)}
+class _Plan:
+    """Both kernels' launches for inputs of one signature (shapes, strides, dtypes, device) and
+    the options ``(floats, ints)``: grid segments, tile sizes, strides, scalars and constexprs,
+    worked out once; :meth:`forward` and :meth:`backward` then only allocate and launch.
+
+    The latents are read as ``[rows, D]`` with their own strides, the images flat in the layout
+    they share, the rewards flat: as they are where their layout allows (:func:`_views_as_is`),
+    else copied at each call.
+    """
+
+    def __init__(self, inputs: Sequence[torch.Tensor], floats: Sequence[float],
+                 ints: Sequence[int]):
+        self.floats, self.ints = list(floats), list(ints)
+        self.tuning = tuning()
+        o = self.o = _Options.decode(floats, ints)
+        prior_mean, pixels = inputs[0], inputs[4]
+        D = prior_mean.shape[-1]
+        R = prior_mean.numel() // D
+        self.rows, self.latent_dim = R, D
+        self.as_is = _views_as_is(inputs, R, D)
+        self.copied = tuple(i for i, ok in enumerate(self.as_is) if not ok)
+        self.latent_strides = tuple(s for t, ok in zip(inputs[0:4], self.as_is)
+                                    for s in (t.view(R, D).stride() if ok else (D, 1)))
+        image_numel = pixels.numel()
+        self.device = prior_mean.device
+        self.acc, acc = acc_dtype(*inputs)
+        # each gradient in its input's layout where the kernels read that as it is
+        self.grad_specs = [(t.shape, t.stride() if INPUT_TERMS[i] == RECO and ok
+                            else contiguous_strides(t.shape), t.dtype)
+                           for i, (t, ok) in enumerate(zip(inputs, self.as_is))]
+        block_d = min(triton.next_power_of_2(D), MAX_LATENT_BLOCK_D)
+        block_r = max(1, LATENT_TILE // block_d)
+        image_block = IMAGE_TILE_BYTES // pixels.element_size()
+        kl_programs = triton.cdiv(R, block_r)
+        reward_programs = triton.cdiv(R, REWARD_BLOCK)
+        image_programs = triton.cdiv(image_numel, image_block)
+        self.programs = kl_programs + reward_programs + image_programs
+        counts = (R * D, image_numel, R) if o.global_average else (R, R, R)
+        scales = tuple(lam / c for lam, c in zip(o.lambdas, counts))
+        self.sizes = (R, D, image_numel, R, kl_programs, reward_programs)
+        self.fwd_scalars = (o.free_nats, *(float(c) for c in counts), *scales)
+        self.bwd_sizes = (*self.sizes, image_programs)
+        self.bwd_scalars = (o.free_nats, *scales)
+        self.meta = dict(GLOBAL_AVERAGE=o.global_average, DELAYED_CLAMP=o.delayed_clamp,
+                         RECO_KIND=o.reco_kind, REWARD_KIND=o.reward_kind, BLOCK_R=block_r,
+                         BLOCK_D=block_d, IMAGE_BLOCK=image_block, REWARD_BLOCK=REWARD_BLOCK,
+                         ACC=acc, num_warps=NUM_WARPS)
+        kl_end = kl_programs
+        reward_end = kl_end + reward_programs
+        self.finalize = machinery.Finalize(
+            ((0, kl_end), (reward_end, self.programs), (kl_end, reward_end)), o.lambdas, acc,
+            clamp=KL if o.delayed_clamp else NO_CLAMP, clamp_value=o.free_nats)
+        self.backward_programs = min(self.programs, backward_programs(self.device))
+        self._launches: dict[tuple, machinery.Launch] = {}
+
+    def _views(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """The inputs as the kernels read them: themselves, or copies where
+        :func:`_views_as_is` says so."""
+        if not self.copied:
+            return inputs
+        views = list(inputs)
+        for i in self.copied:
+            views[i] = _copy_for_kernels(views[i], i, self.rows, self.latent_dim)
+        return views
+
+    def _launch(self, name: str, programs: int, flags: tuple[bool, ...],
+                extra: tuple = ()) -> machinery.Launch:
+        key = (name, flags, extra)
+        launch = self._launches.get(key)
+        if launch is None:
+            meta = dict(self.meta, **dict(zip(GRAD_FLAGS, flags)))
+            meta.update(zip(("SKIP_KL", "SKIP_RECO", "SKIP_REWARD"), extra))
+            launch = self._launches[key] = machinery.Launch(_MODULE, name, programs, meta)
+        return launch
+
+    def _current(self, inputs) -> "_Plan":
+        """This plan, or a new one where the module constants changed since it was made."""
+        return self if self.tuning == tuning() else _Plan(inputs, self.floats, self.ints)
+
+    def forward(self, inputs: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple:
+        """``((loss_kl, loss_reco, loss_reward), keep, grads)``: one gradient per input, made for
+        a ``grad_output`` of 1, None where ``needs`` asks for none."""
+        plan = self._current(inputs)
+        if plan is not self:
+            return plan.forward(inputs, needs)
+        device = self.device
+        out_kl, out_reco, out_reward = (torch.empty((), dtype=d, device=device)
+                                        for d in self.o.loss_dtypes)
+        partials, keep = machinery.empty_partials_and_keep(self.programs, 3, self.acc, device)
+        grads = [torch.empty_strided(shape, stride, dtype=dtype, device=device) if n else None
+                 for n, (shape, stride, dtype) in zip(needs, self.grad_specs)]
+        pm, ps, qm, qs, pixels, reco, true_reward, pred_reward = self._views(inputs)
+        g = [keep if t is None else t for t in grads]
+        self._launch("_dreamer_loss_fwd_kernel", self.programs, tuple(needs))(
+            pm, ps, qm, qs, *self.latent_strides, g[0], g[1], g[2], g[3], pixels, reco, g[4],
+            g[5], true_reward, pred_reward, g[6], g[7], partials, *self.sizes,
+            *self.fwd_scalars)
+        self.finalize(partials, (out_kl, out_reco, out_reward), keep)
+        return (out_kl, out_reco, out_reward), keep, grads
+
+    def backward(self, inputs: Sequence[torch.Tensor], keep: torch.Tensor,
+                 grad_outputs: Sequence[Optional[torch.Tensor]],
+                 grads: Sequence[Optional[torch.Tensor]], skip_if_one: Sequence[bool]) -> None:
+        """``factor × gradient`` into each non-None ``grads[i]``."""
+        if all(t is None for t in grads):
+            return
+        plan = self._current(inputs)
+        if plan is not self:
+            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
+        pm, ps, qm, qs, pixels, reco, true_reward, pred_reward = self._views(inputs)
+        g = [keep if t is None else t for t in grads]
+        go = [keep if t is None else t for t in grad_outputs]
+        flags = tuple(t is not None for t in grads)
+        self._launch("_dreamer_loss_bwd_kernel", self.backward_programs, flags,
+                     tuple(skip_if_one))(
+            pm, ps, qm, qs, *self.latent_strides, g[0], g[1], g[2], g[3], pixels, reco, g[4],
+            g[5], true_reward, pred_reward, g[6], g[7], keep, go[0], go[1], go[2],
+            *self.bwd_sizes, *self.bwd_scalars)
+
+
+_MODULE = sys.modules[__name__]
 
 
 def _forward(inputs: list[torch.Tensor], floats: list[float], ints: list[int],
              needs: list[bool]) -> list[torch.Tensor]:
-    """Launch the forward on validated inputs: ``[loss_kl, loss_reco, loss_reward, keep,
-    *grads]``, the gradients (of the inputs in ``needs``, in input order) made for a
-    ``grad_output`` of 1."""
-    o = _Options.decode(floats, ints)
-    latents, images, rewards = _kernel_views(inputs)
-    out_kl, out_reco, out_reward, keep, *made = machinery.empty_outputs(
-        inputs, o.loss_dtypes, needs, _empty_grad)
-    grads = machinery.by_input(made, needs)
-
-    R, D = latents[0].shape
-    image_numel = images[0].numel()
-    launch = _plan(R, D, image_numel, images[0].element_size())
-    counts = _counts(R, D, image_numel, o)
-    partials = torch.empty(launch.programs, dtype=keep.dtype, device=keep.device)
-    _dreamer_loss_fwd_kernel[(launch.programs,)](
-        *latents, *(s for t in latents for s in t.stride()),
-        *_grad_pointers(grads[0:4], keep), *images, *_grad_pointers(grads[4:6], keep),
-        *rewards, *_grad_pointers(grads[6:8], keep), partials,
-        R, D, image_numel, R, launch.kl_programs, launch.reward_programs,
-        o.free_nats, *(float(c) for c in counts),
-        *(lam / c for lam, c in zip(o.lambdas, counts)),
-        GLOBAL_AVERAGE=o.global_average, DELAYED_CLAMP=o.delayed_clamp,
-        RECO_KIND=o.reco_kind, REWARD_KIND=o.reward_kind, **_grad_flags(grads),
-        BLOCK_R=launch.block_r, BLOCK_D=launch.block_d,
-        IMAGE_BLOCK=launch.image_block, REWARD_BLOCK=REWARD_BLOCK, ACC=acc_dtype(keep)[1],
-        num_warps=NUM_WARPS,
-    )
-    kl_end = launch.kl_programs
-    reward_end = kl_end + launch.reward_programs
-    machinery.launch_finalize(
-        partials, (out_kl, out_reco, out_reward), keep,
-        ranges=((0, kl_end), (reward_end, launch.programs), (kl_end, reward_end)),
-        multipliers=o.lambdas, clamp=KL if o.delayed_clamp else NO_CLAMP,
-        clamp_value=o.free_nats)
-    return [out_kl, out_reco, out_reward, keep, *made]
+    """Launch the forward on validated inputs: ``[*losses, keep, *grads]``, the gradients of the
+    inputs in ``needs`` (see :meth:`_Plan.forward`)."""
+    losses, keep, grads = _Plan(inputs, floats, ints).forward(inputs, needs)
+    return [*losses, keep, *(t for t in grads if t is not None)]
 
 
 def _forward_fake(inputs, floats, ints, needs):
@@ -431,28 +499,8 @@ def _backward(inputs: list[torch.Tensor], floats: list[float], ints: list[int],
               keep: torch.Tensor, grad_outputs: list[Optional[torch.Tensor]],
               grads: list[Optional[torch.Tensor]], skip_if_one: list[bool]) -> None:
     """Launch the backward: ``factor × gradient`` into each non-None ``grads[i]``."""
-    if all(g is None for g in grads):
-        return
-    o = _Options.decode(floats, ints)
-    latents, images, rewards = _kernel_views(inputs)
-    R, D = latents[0].shape
-    image_numel = images[0].numel()
-    launch = _plan(R, D, image_numel, images[0].element_size())
-    counts = _counts(R, D, image_numel, o)
-    _dreamer_loss_bwd_kernel[(min(launch.programs, backward_programs(keep.device)),)](
-        *latents, *(s for t in latents for s in t.stride()),
-        *_grad_pointers(grads[0:4], keep), *images, *_grad_pointers(grads[4:6], keep),
-        *rewards, *_grad_pointers(grads[6:8], keep),
-        keep, *_grad_pointers(grad_outputs, keep),
-        R, D, image_numel, R, launch.kl_programs, launch.reward_programs, launch.image_programs,
-        o.free_nats, *(lam / c for lam, c in zip(o.lambdas, counts)),
-        GLOBAL_AVERAGE=o.global_average, DELAYED_CLAMP=o.delayed_clamp,
-        RECO_KIND=o.reco_kind, REWARD_KIND=o.reward_kind, **_grad_flags(grads),
-        SKIP_KL=skip_if_one[KL], SKIP_RECO=skip_if_one[RECO], SKIP_REWARD=skip_if_one[REWARD],
-        BLOCK_R=launch.block_r, BLOCK_D=launch.block_d,
-        IMAGE_BLOCK=launch.image_block, REWARD_BLOCK=REWARD_BLOCK, ACC=acc_dtype(keep)[1],
-        num_warps=NUM_WARPS,
-    )
+    if any(t is not None for t in grads):
+        _Plan(inputs, floats, ints).backward(inputs, keep, grad_outputs, grads, skip_if_one)
 
 
 def _reference(inputs, opts: LossOptions, shapes: LossShapes):
@@ -461,15 +509,16 @@ def _reference(inputs, opts: LossOptions, shapes: LossShapes):
 
 KERNELS = machinery.register(machinery.LossKernels(
     name="dreamer", terms=lambda ints, n_inputs: INPUT_TERMS, forward=_forward,
-    forward_fake=_forward_fake,
-    backward=_backward, empty_grad=_empty_grad, encode=_encode, reference=_reference,
+    forward_fake=_forward_fake, backward=_backward, empty_grad=_empty_grad, encode=_encode,
+    reference=_reference, plan=_Plan, input_names=lambda ints, n_inputs: INPUT_NAMES,
 ))
 
 
-def fused_dreamer_model_loss(prior_mean, prior_std, posterior_mean, posterior_std, pixels,
-                             reco_pixels, true_reward, pred_reward, shapes: LossShapes,
-                             opts: LossOptions):
-    """Run the fused kernels on validated inputs (see :func:`fused_dreamer_loss.dreamer_model_loss`)."""
-    return machinery.apply(KERNELS, opts, shapes, (prior_mean, prior_std, posterior_mean,
-                                                   posterior_std, pixels, reco_pixels,
-                                                   true_reward, pred_reward))
+def prepare(opts: LossOptions, shapes: LossShapes,
+            inputs: Sequence[torch.Tensor]) -> machinery.FusedCall:
+    """The fused loss prepared for inputs of this signature, in the current grad mode (see
+    :func:`fused_dreamer_loss.dreamer_model_loss`); run it with :func:`run`."""
+    return machinery.FusedCall(KERNELS, opts, shapes, inputs, torch.is_grad_enabled())
+
+
+run = machinery.run

@@ -48,8 +48,16 @@ class FusedDreamerModelLoss(TensorKeysMixin, LossModuleBase):
     ``tensordict.nn.TensorDictModuleBase`` with the same arguments, keys and outputs, and
     ``reset_parameters_recursive`` is tensordict's (it resets every parameter of the world model).
 
+    As torchrl's, the reduction does not depend on the tensordict's batch size (a tensordict of
+    ``batch_size=[B]`` or ``[]`` holding ``[B, T, ...]`` data gives the losses of ``[B, T]``): the KL
+    is summed over the latent dim and the reconstruction over each frame's ``C, H, W``, then
+    averaged over the rest.
+
     Where it differs from torchrl's:
 
+    - an observation with other than three event dims (after the latents' batch dims): its row
+      sum runs over all of them; torchrl sums over the last three dims whatever they are (for a
+      vector observation ``[B, T, D]``, over the batch too);
     - a world model without the ``WorldModelWrapper`` layout is accepted (``decoder`` and
       ``reward_model`` are then None; torchrl raises a TypeError at construction);
     - options are checked at construction and key values in ``set_keys``, with errors naming the
@@ -232,10 +240,13 @@ class FusedDreamerModelLoss(TensorKeysMixin, LossModuleBase):
         tensordict.rename_key_(reward_key, true_reward_key)
 
         tensordict = self.world_model(tensordict)
-        written = "world model's output"
         names = ("prior_mean", "prior_std", "posterior_mean", "posterior_std", "pixels",
                  "reco_pixels", "true_reward", "reward")
-        tensors = [self._next(tensordict, name, written) for name in names]
+        written, keys = tensordict.get("next", None), self._tensor_keys
+        tensors = ([written.get(getattr(keys, name), None) for name in names]
+                   if isinstance(written, TensorDictBase) else [None])
+        if any(t is None for t in tensors):  # the KeyError that names the missing key
+            tensors = [self._next(tensordict, name, "world model's output") for name in names]
         losses = dreamer_model_loss(
             *tensors, lambda_kl=self.lambda_kl, lambda_reco=self.lambda_reco,
             lambda_reward=self.lambda_reward, reco_loss=self.reco_loss,
@@ -252,4 +263,4 @@ class FusedDreamerModelLoss(TensorKeysMixin, LossModuleBase):
             batch_size=[],
         )
         self._clear_refs(tensordict, out)
-        return out, tensordict.data
+        return out, tensordict.detach()

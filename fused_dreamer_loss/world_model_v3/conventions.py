@@ -6,16 +6,23 @@ for **image** observations (uint8 or float pixel targets); options not listed ke
 (``lambda_kl = lambda_reco = lambda_reward = 1``, ``reco_loss="l2"``, ``reward_two_hot=True`` over
 torchrl's 255 default bins, ``global_average=False``):
 
-==============  ===================  ======  =================  =======  =====================
-name            kl_mode, dyn / rep   unimix  image target       two-hot  continue target
-==============  ===================  ======  =================  =======  =====================
-torchrl         balanced, α 0.8      0       symlog of both     raw      1 − term (term off)
-torchrl-recipe  separate, 1.0 / 0.1  0.01    symlog of both     raw      (1 − term)(1 − 1/333)
-dreamerv3-2024  separate, 1.0 / 0.1  0.01    uint8 / 255        raw      (1 − term)(1 − 1/333)
-dreamerv3-2023  separate, 0.5 / 0.1  0.01    uint8 / 255        symlog   1 − term
-r2dreamer       separate, 1.0 / 0.1  0       uint8 / 255        raw      1 − term
-sheeprl         separate, 0.5 / 0.1  0.01    uint8 / 255 − 0.5  symlog   1 − term
-==============  ===================  ======  =================  =======  =====================
+==============  ===================  ======  ===========================  =======  =====================
+name            kl_mode, dyn / rep   unimix  image target                 two-hot  continue target
+==============  ===================  ======  ===========================  =======  =====================
+torchrl         balanced, α 0.8      0       symlog of raw uint8 (0…255)  raw      1 − term (term off)
+torchrl-recipe  separate, 1.0 / 0.1  0.01    symlog of raw uint8 (0…255)  raw      (1 − term)(1 − 1/333)
+dreamerv3-2024  separate, 1.0 / 0.1  0.01    uint8 / 255                  raw      (1 − term)(1 − 1/333)
+dreamerv3-2023  separate, 0.5 / 0.1  0.01    uint8 / 255                  symlog   1 − term
+r2dreamer       separate, 1.0 / 0.1  0       uint8 / 255                  raw      1 − term
+sheeprl         separate, 0.5 / 0.1  0.01    uint8 / 255 − 0.5            symlog   1 − term
+==============  ===================  ======  ===========================  =======  =====================
+
+The two torchrl conventions symlog target and prediction (``reco_symlog=True``), and torchrl
+symlogs uint8 frames as they are, 0…255, not divided by 255: the decoder must predict raw pixel
+values (best: predict in symlog space and write the ``symexp``, as
+``make_world_model_v3(reco_symlog=True)`` does), and its loss is on another scale than the others'
+(a prediction in [0, 1] against raw frames gives a reconstruction loss about a hundred times that of
+``dreamerv3-2024``). The loss warns once when a head symlogs integer targets.
 
 Free nats are 1 everywhere: per categorical in balanced mode, on the sum over the categoricals in
 separate mode. ``dreamerv3-2023`` is the 2023 reference code and dreamerv3-torch;

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.dispatch import require_triton, resolve_backend
+from ..core.dispatch import (cacheable, call_key, remember, require_triton, resolve_backend,
+                             values_key)
 from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import (
@@ -18,20 +19,48 @@ from .validation import (
 )
 
 
-def _fused_v3(
-    posterior_logits: torch.Tensor,
-    prior_logits: torch.Tensor,
-    pixels: tuple[torch.Tensor, ...],
-    reco_pixels: tuple[torch.Tensor, ...],
-    true_reward: torch.Tensor,
-    reward_pred: torch.Tensor,
-    continue_pred: torch.Tensor | None,
-    terminated: torch.Tensor | None,
-    opts: V3Options,
-    shapes: V3Shapes,
-) -> dict[str, torch.Tensor]:
-    """The fused Triton kernels, on inputs checked as for
-    :func:`fused_dreamer_loss.reference.checked_dreamer_v3_model_loss`."""
+#: Where ``reco_symlog`` and ``reward_bins`` are in the options (:class:`V3Options`' order); the
+#: others are keyed as values.
+_SYMLOG, _BINS = 12, 16
+#: Prepared calls by signature (see :func:`fused_dreamer_loss.core.dispatch.call_key`).
+_CALLS: dict = {}
+#: A part of a call's signature that cannot be keyed: the call is prepared afresh.
+_NO_KEY = object()
+
+
+def _heads_of(value) -> tuple:
+    """The heads of a ``pixels`` or ``reco_pixels`` argument, unchecked (:func:`as_heads`
+    checks them when the call is prepared)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _symlog_key(reco_symlog) -> tuple:
+    entries = reco_symlog if isinstance(reco_symlog, (list, tuple)) else (reco_symlog,)
+    return type(reco_symlog), values_key(entries)
+
+
+def _bins_key(reward_bins):
+    """``reward_bins`` in a call's signature: its values for a sequence; for a tensor, the
+    tensor itself (by identity: the prepared call keeps it, so no other tensor takes its id),
+    its version (bins modified in place are checked again) and layout; an inference tensor,
+    whose version is not tracked, is not keyed."""
+    if reward_bins is None:
+        return None
+    if isinstance(reward_bins, torch.Tensor):
+        if reward_bins.is_inference():
+            return _NO_KEY
+        return (id(reward_bins), reward_bins._version, reward_bins.shape, reward_bins.stride(),
+                reward_bins.dtype, reward_bins.device, reward_bins.requires_grad)
+    if isinstance(reward_bins, (list, tuple)):
+        return values_key(reward_bins)
+    return _NO_KEY
+
+
+def _fused_v3(opts: V3Options, shapes: V3Shapes, posterior_logits, prior_logits, pixels,
+              reco_pixels, true_reward, reward_pred, continue_pred, terminated):
+    """The fused Triton kernels prepared for inputs checked as for
+    :func:`fused_dreamer_loss.reference.checked_dreamer_v3_model_loss`: a function of those
+    inputs that returns the losses."""
     if opts.reward_two_hot and torch.is_grad_enabled():
         for name, t in (("true_reward", true_reward), ("reward_bins", opts.reward_bins)):
             if t is not None and t.requires_grad:
@@ -40,9 +69,33 @@ def _fused_v3(
                     f"for it (torch's runs through the two-hot weights): detach {name}, or use "
                     "backend='torch'"
                 )
-    return _triton_kernels().fused_dreamer_v3_model_loss(
+    kernels = _triton_kernels()
+    bins = (kernels.reward_support(opts, true_reward.device, shapes.reward_dtype)
+            if opts.reward_two_hot else None)
+    prepared = kernels.Prepared(opts, shapes, kernels.kernel_inputs(
         posterior_logits, prior_logits, pixels, reco_pixels, true_reward, reward_pred,
-        continue_pred, terminated, opts, shapes)
+        continue_pred, terminated, bins, opts))
+
+    def run(*args):
+        return prepared(kernels.kernel_inputs(*args, bins, opts))
+
+    return run
+
+
+def _prepare(args: tuple, options: tuple, backend: str):
+    """Validate a call (``args``: :func:`dreamer_v3_model_loss`'s) and pick its backend: a
+    function of the call's tensors (the heads as tuples) that computes the losses, for every call
+    of the same signature. Raises on bad input."""
+    opts = V3Options(*options)
+    posterior_logits, prior_logits, pixels, reco_pixels, *rest = args
+    pixels, reco_pixels = as_heads("pixels", pixels), as_heads("reco_pixels", reco_pixels)
+    args = (posterior_logits, prior_logits, pixels, reco_pixels, *rest)
+    shapes = validate_v3_inputs(*args, opts)
+    check_backend(backend)
+    tensors = (posterior_logits, prior_logits, *pixels, *reco_pixels, *rest)
+    if kernels_can_take(tensors) and resolve_backend(backend, posterior_logits.device) != "torch":
+        return _fused_v3(opts, shapes, *args)
+    return lambda *a: reference.checked_dreamer_v3_model_loss(*a, opts, shapes)
 
 
 def _triton_kernels():
@@ -181,17 +234,21 @@ def dreamer_v3_model_loss(
         >>> prior.grad.shape
         torch.Size([2, 4, 4, 4])
     """
-    opts = V3Options(lambda_kl, lambda_reco, lambda_reward, lambda_continue, kl_mode,
-                     lambda_dynamic, lambda_representation, unimix, continue_target_scale,
-                     kl_alpha, free_bits, reco_loss, reco_symlog, reward_two_hot, num_reward_bins,
-                     global_average, reward_bins, two_hot_space, pixels_scale, pixels_offset)
-    pixels, reco_pixels = as_heads("pixels", pixels), as_heads("reco_pixels", reco_pixels)
-    shapes = validate_v3_inputs(posterior_logits, prior_logits, pixels, reco_pixels, true_reward,
-                                reward_pred, continue_pred, terminated, opts)
-    check_backend(backend)
-    tensors = (posterior_logits, prior_logits, *pixels, *reco_pixels, true_reward, reward_pred,
-               continue_pred, terminated)
-    fused = kernels_can_take(tensors) and resolve_backend(backend, posterior_logits.device) != "torch"
-    run = _fused_v3 if fused else reference.checked_dreamer_v3_model_loss
-    return run(posterior_logits, prior_logits, pixels, reco_pixels, true_reward, reward_pred,
-               continue_pred, terminated, opts, shapes)
+    options = (lambda_kl, lambda_reco, lambda_reward, lambda_continue, kl_mode, lambda_dynamic,
+               lambda_representation, unimix, continue_target_scale, kl_alpha, free_bits,
+               reco_loss, reco_symlog, reward_two_hot, num_reward_bins, global_average,
+               reward_bins, two_hot_space, pixels_scale, pixels_offset)
+    targets, predictions = _heads_of(pixels), _heads_of(reco_pixels)
+    bins = _bins_key(reward_bins) if cacheable() else _NO_KEY
+    key = None if bins is _NO_KEY else call_key(
+        (posterior_logits, prior_logits, *targets, *predictions, true_reward, reward_pred,
+         continue_pred, terminated),
+        (values_key(options[:_SYMLOG] + options[_SYMLOG + 1:_BINS] + options[_BINS + 1:]),
+         _symlog_key(reco_symlog), bins, len(targets), len(predictions)), backend)
+    prepared = _CALLS.get(key) if key is not None else None
+    if prepared is None:
+        prepared = _prepare((posterior_logits, prior_logits, pixels, reco_pixels, true_reward,
+                             reward_pred, continue_pred, terminated), options, backend)
+        remember(_CALLS, key, prepared)
+    return prepared(posterior_logits, prior_logits, targets, predictions, true_reward,
+                    reward_pred, continue_pred, terminated)

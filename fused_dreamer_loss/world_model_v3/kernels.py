@@ -28,13 +28,16 @@ The math per categorical (``s = softmax(l)``, q posterior, p prior; DESIGN-V3 §
               both × 1[kl_cat ≥ free] × λ / (rows · S)
 
     two-hot   lse(l) − (w_lo l_lo + w_hi l_hi)                  ∂/∂l = softmax(l) − two_hot
+              (lse shifted by the row's max, or by 0 where that max is ±inf, as torch's)
     symlog    (symlog r − symlog r̂)²                           ∂/∂r̂ = −2 d / (1 + |r̂|)
-    continue  max(l, 0) − c l + log1p(e^{−|l|})                 ∂/∂l = sigmoid(l) − c
+    continue  (1 − c) l − min(l, 0) + log1p(e^{−|l|})           ∂/∂l = sigmoid(l) − c
+              (torch's (1 − c) l − log sigmoid(l): its inf and NaN at infinite logits)
     image     e = T(x) − T'(y), e² or |e|                       ∂/∂y = −2e T'(y)' or −sign(e) T'(y)'
 """
 
 # No `from __future__ import annotations`: Triton reads the "fp64" annotations as written.
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -46,10 +49,10 @@ from . import reference
 from .validation import (KL_MODES, RECO_LOSSES, SYMLOG_BOTH, SYMLOG_NONE, SYMLOG_TARGET,
                               TWO_HOT_SPACES, V3Options, V3Shapes)
 from ..core import machinery
-from ..core.machinery import (acc_dtype, backward_programs, code_dtype, dtype_code, flat_pair, scalar,
-                        store, term_factor)
+from ..core.machinery import (acc_dtype, backward_programs, code_dtype, contiguous_strides,
+                              dtype_code, scalar, store, term_factor)
 
-__all__ = ["KERNELS", "fused_dreamer_v3_model_loss"]
+__all__ = ["KERNELS", "Prepared", "kernel_inputs", "reward_support"]
 
 #: Elements of one KL program's [rows, S, K] tile (at least one row).
 KL_TILE = 2048
@@ -216,6 +219,7 @@ def _two_hot_tile(true_ptr, logits_ptr, bins_ptr, g_logits_ptr, s_l_r, s_l_k, n_
     w_upper = (x - below) / (above - below)
     w_lower = 1.0 - w_upper
     m = tl.max(logits, axis=1)
+    m = tl.where(tl.abs(m) == float("inf"), 0.0, m)  # torch's logsumexp: inf stays inf
     e = tl.exp(logits - m[:, None])
     z = tl.sum(e, axis=1)
     at_lower = tl.sum(tl.where(is_lower, logits, 0.0), axis=1)
@@ -255,7 +259,7 @@ def _continue_tile(logit_ptr, term_ptr, g_logit_ptr, g_term_ptr, n_rows, tile, t
     mask = offs < n_rows
     logit = tl.load(logit_ptr + offs, mask=mask, other=0.0).to(ACC)
     c = (1.0 - tl.load(term_ptr + offs, mask=mask, other=0).to(ACC)) * target_scale
-    loss = tl.maximum(logit, 0.0) - c * logit + _log1p(tl.exp(-tl.abs(logit)))
+    loss = (1.0 - c) * logit - tl.minimum(logit, 0.0) + _log1p(tl.exp(-tl.abs(logit)))
     if GRAD_LOGIT:
         store(g_logit_ptr + offs, (tl.sigmoid(logit) - c) * scale, mask)
     if GRAD_TERM:
@@ -286,7 +290,7 @@ def _image_tile(x_ptr, y_ptr, g_x_ptr, g_y_ptr, n, tile, pixels_scale, pixels_of
     e = tl.where(mask, x - y, 0.0)
     if L1:
         loss = tl.abs(e)
-        de = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, e * 0.0))
+        de = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))  # torch's sign: 0 at NaN
     else:
         loss = e * e
         de = 2.0 * e
@@ -524,115 +528,10 @@ def _terms(ints: Sequence[int], n_inputs: int) -> tuple[int, ...]:
     return fixed + (t["reco"],) * (n_inputs - FIRST_HEAD)
 
 
-@dataclass(frozen=True)
-class _Launch:
-    """Grid segments and tile sizes of one call."""
-
-    block_r: int
-    block_s: int
-    block_k: int
-    reward_rows: int
-    block_bins: int
-    kl_programs: int
-    reward_programs: int
-    cont_programs: int
-    head_starts: tuple[int, ...]
-    image_blocks: int
-
-    @property
-    def programs(self) -> int:
-        return self.head_starts[-1]
-
-
-def _plan(rows: int, n_cat: int, n_cls: int, n_bins: int, o: _Options,
-          head_numels: Sequence[int], image_block: int) -> _Launch:
-    block_s, block_k = triton.next_power_of_2(n_cat), triton.next_power_of_2(n_cls)
-    block_r = max(1, KL_TILE // (block_s * block_k))
-    block_bins = triton.next_power_of_2(n_bins)
-    reward_rows = max(1, REWARD_TILE // block_bins)
-    kl_programs = triton.cdiv(rows, block_r)
-    reward_programs = triton.cdiv(rows, reward_rows if o.two_hot else ROW_BLOCK)
-    cont_programs = triton.cdiv(rows, ROW_BLOCK) if o.has_continue else 0
-    starts = [kl_programs + reward_programs + cont_programs]
-    for n in head_numels:
-        starts.append(starts[-1] + triton.cdiv(n, image_block))
-    return _Launch(block_r, block_s, block_k, reward_rows, block_bins, kl_programs,
-                   reward_programs, cont_programs, tuple(starts), image_block)
-
-
-def _logit_view(t: torch.Tensor) -> torch.Tensor:
-    """``[*B, S, K]`` as ``[rows, S, K]`` (a view where the strides allow)."""
-    return t.reshape(-1, t.shape[-2], t.shape[-1])
-
-
-def _head_pairs(inputs: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each head's (target, prediction), readable flat in one element order."""
-    heads = inputs[FIRST_HEAD:]
-    return [flat_pair(x, y) for x, y in zip(heads[0::2], heads[1::2])]
-
-
-class _Call:
-    """Everything both kernels take, for one call on validated inputs."""
-
-    def __init__(self, inputs: Sequence[Optional[torch.Tensor]], o: _Options,
-                 grads: Sequence[Optional[torch.Tensor]]):
-        self.o = o
-        q, p = _logit_view(inputs[POSTERIOR]), _logit_view(inputs[PRIOR])
-        rows, n_cat, n_cls = q.shape
-        reward = inputs[REWARD_PRED].reshape(rows, -1)
-        reward_strides = reward.stride()
-        if not o.two_hot:  # read flat
-            reward, reward_strides = reward.reshape(-1).contiguous(), (1, 1)
-        true = inputs[TRUE_REWARD].reshape(-1).contiguous()
-        bins = inputs[BINS]
-        n_bins = reward.shape[-1] if o.two_hot else 2
-        pairs = _head_pairs(inputs)
-        image_block = IMAGE_TILE_BYTES // max(y.element_size() for _, y in pairs)
-        launch = self.launch = _plan(rows, n_cat, n_cls, n_bins, o,
-                                     [y.numel() for _, y in pairs], image_block)
-        dummy = q
-        cont = [dummy, dummy]
-        if o.has_continue:
-            cont = [t.reshape(-1).contiguous() for t in (inputs[CONTINUE_PRED], inputs[TERMINATED])]
-        ptr = [dummy if g is None else g for g in grads]
-        x_grads, y_grads = ptr[FIRST_HEAD::2], ptr[FIRST_HEAD + 1::2]
-        counts = [x.numel() if o.global_average else rows for x, _ in pairs]
-        self.args = [
-            q, p, *q.stride(), *p.stride(), ptr[POSTERIOR], ptr[PRIOR],
-            true, reward, dummy if bins is None else bins, *reward_strides, ptr[TRUE_REWARD],
-            ptr[REWARD_PRED], *cont, ptr[CONTINUE_PRED], ptr[TERMINATED],
-            tuple(x for x, _ in pairs), tuple(y for _, y in pairs), tuple(x_grads),
-            tuple(y_grads), tuple(y.numel() for _, y in pairs), tuple(counts),
-            launch.head_starts,
-        ]
-        kl_count = rows * n_cat if o.balanced else rows
-        self.sizes = [rows, n_cat, n_cls, n_bins, launch.kl_programs, launch.reward_programs,
-                      launch.cont_programs]
-        self.counts = [float(kl_count), float(rows)]
-        if o.balanced:
-            scale_q = o.lambda_kl * (1.0 - o.kl_alpha) / kl_count
-            scale_p = o.lambda_kl * o.kl_alpha / kl_count
-        else:
-            scale_q = o.lambda_kl * o.lambda_representation / kl_count
-            scale_p = o.lambda_kl * o.lambda_dynamic / kl_count
-        self.scalars = [o.unimix, o.free_bits, o.continue_target_scale, o.pixels_scale,
-                        o.pixels_offset]
-        self.scales = [scale_q, scale_p, o.lambda_reward / rows, o.lambda_continue / rows,
-                       o.lambda_reco]
-        modes = sum(m << (2 * h) for h, m in enumerate(o.head_modes))
-        self.meta = dict(
-            BALANCED=o.balanced, UNIMIX=o.unimix != 0.0, TWO_HOT=o.two_hot,
-            SYMLOG_SPACE=o.symlog_space, N_HEADS=len(pairs), HEAD_MODES=modes,
-            INT_TARGETS=_bits(not x.dtype.is_floating_point for x, _ in pairs), L1=o.l1,
-            GRAD_Q=grads[POSTERIOR] is not None, GRAD_P=grads[PRIOR] is not None,
-            GRAD_TRUE=grads[TRUE_REWARD] is not None, GRAD_REWARD=grads[REWARD_PRED] is not None,
-            GRAD_CONT=grads[CONTINUE_PRED] is not None, GRAD_TERM=grads[TERMINATED] is not None,
-            GRAD_XS=_bits(g is not None for g in grads[FIRST_HEAD::2]),
-            GRAD_YS=_bits(g is not None for g in grads[FIRST_HEAD + 1::2]),
-            BLOCK_R=launch.block_r, BLOCK_S=launch.block_s, BLOCK_K=launch.block_k,
-            REWARD_ROWS=launch.reward_rows, BLOCK_BINS=launch.block_bins, ROW_BLOCK=ROW_BLOCK,
-            IMAGE_BLOCK=launch.image_blocks, num_warps=NUM_WARPS,
-        )
+def tuning() -> tuple:
+    """The module constants a plan is worked out from (the tests shrink them)."""
+    return (KL_TILE, REWARD_TILE, ROW_BLOCK, IMAGE_TILE_BYTES, NUM_WARPS,
+            machinery.FINALIZE_BLOCK)
 
 
 def _bits(flags) -> int:
@@ -649,37 +548,201 @@ def _empty_grad(inputs: Sequence[Optional[torch.Tensor]], i: int) -> torch.Tenso
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+def _viewable(t: torch.Tensor, *shape: int) -> bool:
+    try:
+        t.view(*shape)
+    except RuntimeError:
+        return False
+    return True
+
+
+class _Plan:
+    """Both kernels' launches for inputs of one signature (shapes, strides, dtypes, device) and
+    the options ``(floats, ints)``: grid segments, tile sizes, strides, scalars and constexprs,
+    worked out once; :meth:`forward` and :meth:`backward` then only allocate and launch.
+
+    The logits are read as ``[rows, S, K]`` and two-hot reward logits as ``[rows, R]`` with
+    their own strides, each head's pair flat in the layout it shares, the other row inputs flat:
+    as they are where their layout allows, else copied at each call (:meth:`_views`).
+    """
+
+    def __init__(self, inputs: Sequence[Optional[torch.Tensor]], floats: Sequence[float],
+                 ints: Sequence[int]):
+        self.floats, self.ints = list(floats), list(ints)
+        self.tuning = tuning()
+        o = self.o = _Options.decode(floats, ints)
+        q = inputs[POSTERIOR]
+        n_cat, n_cls = q.shape[-2:]
+        rows = q.numel() // (n_cat * n_cls)
+        self.rows, self.n_cat, self.n_cls = rows, n_cat, n_cls
+        reward = inputs[REWARD_PRED]
+        width = reward.shape[-1]
+        as_is = [_viewable(q, rows, n_cat, n_cls), _viewable(inputs[PRIOR], rows, n_cat, n_cls),
+                 inputs[TRUE_REWARD].is_contiguous(),
+                 _viewable(reward, rows, width) if o.two_hot else reward.is_contiguous(),
+                 *(t is None or t.is_contiguous() for t in inputs[CONTINUE_PRED:BINS]),
+                 True]  # the bins are contiguous (reward_support)
+        heads = inputs[FIRST_HEAD:]
+        for x, y in zip(heads[0::2], heads[1::2]):
+            as_is += [machinery.pair_as_is(x, y)] * 2
+        self.as_is = as_is
+        self.copied = tuple(i for i, ok in enumerate(as_is) if not ok)
+        logit_strides = [t.view(rows, n_cat, n_cls).stride() if ok else (n_cat * n_cls, n_cls, 1)
+                         for t, ok in zip(inputs[:2], as_is)]
+        reward_strides = (1, 1)  # a flat symlog reward
+        if o.two_hot:
+            reward_strides = reward.view(rows, width).stride() if as_is[REWARD_PRED] else (width, 1)
+        n_bins = width if o.two_hot else 2
+        self.device = q.device
+        self.acc, acc = acc_dtype(*inputs)
+        self.grad_specs = [None if t is None else
+                           (t.shape, t.stride() if i >= FIRST_HEAD and as_is[i]
+                            else contiguous_strides(t.shape), t.dtype)
+                           for i, t in enumerate(inputs)]
+
+        block_s, block_k = triton.next_power_of_2(n_cat), triton.next_power_of_2(n_cls)
+        block_r = max(1, KL_TILE // (block_s * block_k))
+        block_bins = triton.next_power_of_2(n_bins)
+        reward_rows = max(1, REWARD_TILE // block_bins)
+        kl_programs = triton.cdiv(rows, block_r)
+        reward_programs = triton.cdiv(rows, reward_rows if o.two_hot else ROW_BLOCK)
+        cont_programs = triton.cdiv(rows, ROW_BLOCK) if o.has_continue else 0
+        numels = tuple(y.numel() for y in heads[1::2])
+        image_block = IMAGE_TILE_BYTES // max(y.element_size() for y in heads[1::2])
+        starts = [kl_programs + reward_programs + cont_programs]
+        for n in numels:
+            starts.append(starts[-1] + triton.cdiv(n, image_block))
+        self.programs = starts[-1]
+        self.backward_programs = min(self.programs, backward_programs(self.device))
+        counts = tuple(x.numel() if o.global_average else rows for x in heads[0::2])
+        self.strides = (*logit_strides[0], *logit_strides[1])
+        self.reward_strides = reward_strides
+        self.head_sizes = (numels, counts, tuple(starts))
+        self.sizes = (rows, n_cat, n_cls, n_bins, kl_programs, reward_programs, cont_programs)
+        kl_count = rows * n_cat if o.balanced else rows
+        self.counts = (float(kl_count), float(rows))
+        if o.balanced:
+            scale_q = o.lambda_kl * (1.0 - o.kl_alpha) / kl_count
+            scale_p = o.lambda_kl * o.kl_alpha / kl_count
+        else:
+            scale_q = o.lambda_kl * o.lambda_representation / kl_count
+            scale_p = o.lambda_kl * o.lambda_dynamic / kl_count
+        self.scalars = (o.unimix, o.free_bits, o.continue_target_scale, o.pixels_scale,
+                        o.pixels_offset)
+        self.scales = (scale_q, scale_p, o.lambda_reward / rows, o.lambda_continue / rows,
+                       o.lambda_reco)
+        self.meta = dict(
+            BALANCED=o.balanced, UNIMIX=o.unimix != 0.0, TWO_HOT=o.two_hot,
+            SYMLOG_SPACE=o.symlog_space, N_HEADS=len(numels),
+            HEAD_MODES=sum(m << (2 * h) for h, m in enumerate(o.head_modes)),
+            INT_TARGETS=_bits(not x.dtype.is_floating_point for x in heads[0::2]), L1=o.l1,
+            BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_K=block_k, REWARD_ROWS=reward_rows,
+            BLOCK_BINS=block_bins, ROW_BLOCK=ROW_BLOCK, IMAGE_BLOCK=image_block, ACC=acc,
+            num_warps=NUM_WARPS)
+        t = self.term = _term_indices(o)
+        kl_end = kl_programs
+        reward_end = kl_end + reward_programs
+        segments = {"kl": (0, kl_end), "reward": (kl_end, reward_end),
+                    "continue": (reward_end, reward_end + cont_programs),
+                    "reco": (starts[0], starts[-1])}
+        # Balanced: α·m + (1 − α)·m, both sides of the one KL loss have the same value m.
+        multipliers = {"loss_model_kl": o.lambda_kl,
+                       "loss_model_dynamic": o.lambda_kl * o.lambda_dynamic,
+                       "loss_model_representation": o.lambda_kl * o.lambda_representation,
+                       "loss_model_reward": o.lambda_reward,
+                       "loss_model_continue": o.lambda_continue,
+                       "loss_model_reco": o.lambda_reco}
+        order = _outputs(o.balanced, o.has_continue)
+        self.finalize = machinery.Finalize([segments[segment] for _, segment in order],
+                                           [multipliers[name] for name, _ in order], acc)
+        self.bwd_meta = dict(T_Q=t["q"], T_P=t["p"], T_REWARD=t["reward"],
+                             T_CONT=t["continue"], T_RECO=t["reco"])
+        self._launches: dict[tuple, machinery.Launch] = {}
+
+    def _current(self, inputs) -> "_Plan":
+        """This plan, or a new one where the module constants changed since it was made."""
+        return self if self.tuning == tuning() else _Plan(inputs, self.floats, self.ints)
+
+    def _views(self, inputs: Sequence[Optional[torch.Tensor]]):
+        """The inputs as the kernels read them: themselves, or copies in the layout the kernels
+        read (contiguous: the logits as ``[rows, S, K]``, two-hot logits as ``[rows, R]``)."""
+        if not self.copied:
+            return inputs
+        views = list(inputs)
+        for i in self.copied:
+            views[i] = views[i].contiguous()
+        return views
+
+    def _args(self, views, grads) -> list:
+        """The arguments both kernels start with: the inputs, their gradients (a harmless
+        pointer where absent: the constexpr flags keep the kernels off it) and the heads."""
+        dummy = views[POSTERIOR]
+        g = [dummy if t is None else t for t in grads]
+        cont = views[CONTINUE_PRED], views[TERMINATED]
+        if cont[0] is None:
+            cont = dummy, dummy
+        bins = views[BINS]
+        heads = views[FIRST_HEAD:]
+        return [views[POSTERIOR], views[PRIOR], *self.strides, g[POSTERIOR], g[PRIOR],
+                views[TRUE_REWARD], views[REWARD_PRED], dummy if bins is None else bins,
+                *self.reward_strides, g[TRUE_REWARD], g[REWARD_PRED], *cont, g[CONTINUE_PRED],
+                g[TERMINATED], tuple(heads[0::2]), tuple(heads[1::2]),
+                tuple(g[FIRST_HEAD::2]), tuple(g[FIRST_HEAD + 1::2]), *self.head_sizes]
+
+    def _launch(self, name: str, programs: int, grads, extra: dict) -> machinery.Launch:
+        flags = tuple(t is not None for t in grads)
+        key = (name, flags, tuple(extra.items()))
+        launch = self._launches.get(key)
+        if launch is None:
+            meta = dict(self.meta, GRAD_Q=flags[POSTERIOR], GRAD_P=flags[PRIOR],
+                        GRAD_TRUE=flags[TRUE_REWARD], GRAD_REWARD=flags[REWARD_PRED],
+                        GRAD_CONT=flags[CONTINUE_PRED], GRAD_TERM=flags[TERMINATED],
+                        GRAD_XS=_bits(flags[FIRST_HEAD::2]),
+                        GRAD_YS=_bits(flags[FIRST_HEAD + 1::2]), **extra)
+            launch = self._launches[key] = machinery.Launch(_MODULE, name, programs, meta)
+        return launch
+
+    def forward(self, inputs, needs) -> tuple:
+        """``(losses, keep, grads)``: the losses in :func:`output_names` order, one gradient per
+        input, made for a ``grad_output`` of 1, None where ``needs`` asks for none."""
+        plan = self._current(inputs)
+        if plan is not self:
+            return plan.forward(inputs, needs)
+        device = self.device
+        losses = [torch.empty((), dtype=d, device=device) for d in self.o.loss_dtypes]
+        partials, keep = machinery.empty_partials_and_keep(self.programs, len(losses), self.acc,
+                                                           device)
+        grads = [torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=device) if n
+                 else None for n, spec in zip(needs, self.grad_specs)]
+        self._launch("_v3_fwd_kernel", self.programs, grads, {})(
+            *self._args(self._views(inputs), grads), partials, *self.sizes, *self.scalars,
+            *self.counts, *self.scales)
+        self.finalize(partials, losses, keep)
+        return losses, keep, grads
+
+    def backward(self, inputs, keep, grad_outputs, grads, skip_if_one) -> None:
+        """``factor × gradient`` into each non-None ``grads[i]``."""
+        if all(t is None for t in grads):
+            return
+        plan = self._current(inputs)
+        if plan is not self:
+            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
+        launch = self._launch("_v3_bwd_kernel", self.backward_programs, grads,
+                              dict(self.bwd_meta, SKIP=_bits(skip_if_one)))
+        launch(*self._args(self._views(inputs), grads), keep,
+               tuple(keep if g is None else g for g in grad_outputs), *self.sizes,
+               *self.scalars, *self.scales)
+
+
+_MODULE = sys.modules[__name__]
+
+
 def _forward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: list[int],
              needs: list[bool]) -> list[torch.Tensor]:
-    """Launch the forward on validated inputs: ``[*losses, keep, *grads]`` (losses in
-    :func:`output_names` order), the gradients made for a ``grad_output`` of 1."""
-    o = _Options.decode(floats, ints)
-    outs = machinery.empty_outputs(inputs, o.loss_dtypes, needs, _empty_grad)
-    n_out = len(o.loss_dtypes)
-    losses, keep, made = outs[:n_out], outs[n_out], outs[n_out + 1:]
-    call = _Call(inputs, o, machinery.by_input(made, needs))
-    launch = call.launch
-    partials = torch.empty(launch.programs, dtype=keep.dtype, device=keep.device)
-    _v3_fwd_kernel[(launch.programs,)](
-        *call.args, partials, *call.sizes, *call.scalars, *call.counts, *call.scales,
-        ACC=acc_dtype(keep)[1], **call.meta,
-    )
-    kl_end = launch.kl_programs
-    reward_end = kl_end + launch.reward_programs
-    segments = {"kl": (0, kl_end), "reward": (kl_end, reward_end),
-                "continue": (reward_end, reward_end + launch.cont_programs),
-                "reco": (launch.head_starts[0], launch.head_starts[-1])}
-    # Balanced: α·m + (1 − α)·m, both sides of the one KL loss have the same value m.
-    multipliers = {"loss_model_kl": o.lambda_kl,
-                   "loss_model_dynamic": o.lambda_kl * o.lambda_dynamic,
-                   "loss_model_representation": o.lambda_kl * o.lambda_representation,
-                   "loss_model_reward": o.lambda_reward, "loss_model_continue": o.lambda_continue,
-                   "loss_model_reco": o.lambda_reco}
-    order = _outputs(o.balanced, o.has_continue)
-    machinery.launch_finalize(partials, losses, keep,
-                              ranges=[segments[segment] for _, segment in order],
-                              multipliers=[multipliers[name] for name, _ in order])
-    return outs
+    """Launch the forward on validated inputs: ``[*losses, keep, *grads]``, the gradients of the
+    inputs in ``needs`` (see :meth:`_Plan.forward`)."""
+    losses, keep, grads = _Plan(inputs, floats, ints).forward(inputs, needs)
+    return [*losses, keep, *(t for t in grads if t is not None)]
 
 
 def _forward_fake(inputs, floats, ints, needs):
@@ -692,18 +755,8 @@ def _backward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: l
               keep: torch.Tensor, grad_outputs: list[Optional[torch.Tensor]],
               grads: list[Optional[torch.Tensor]], skip_if_one: list[bool]) -> None:
     """Launch the backward: ``factor × gradient`` into each non-None ``grads[i]``."""
-    if all(g is None for g in grads):
-        return
-    o = _Options.decode(floats, ints)
-    call = _Call(inputs, o, grads)
-    launch = call.launch
-    t = _term_indices(o)
-    _v3_bwd_kernel[(min(launch.programs, backward_programs(keep.device)),)](
-        *call.args, keep, tuple(keep if g is None else g for g in grad_outputs), *call.sizes,
-        *call.scalars, *call.scales,
-        T_Q=t["q"], T_P=t["p"], T_REWARD=t["reward"], T_CONT=t["continue"], T_RECO=t["reco"],
-        SKIP=_bits(skip_if_one), ACC=acc_dtype(keep)[1], **call.meta,
-    )
+    if any(t is not None for t in grads):
+        _Plan(inputs, floats, ints).backward(inputs, keep, grad_outputs, grads, skip_if_one)
 
 
 def _reference(inputs, opts: V3Options, shapes: V3Shapes):
@@ -716,9 +769,18 @@ def _reference(inputs, opts: V3Options, shapes: V3Shapes):
     return [losses[name] for name in output_names(opts)]
 
 
+def _input_names(ints: Sequence[int], n_inputs: int) -> tuple[str, ...]:
+    heads = (n_inputs - FIRST_HEAD) // 2
+    suffixes = [f"[{h}]" for h in range(heads)] if heads > 1 else [""]
+    return ("posterior_logits", "prior_logits", "true_reward", "reward_pred", "continue_pred",
+            "terminated", "reward_bins",
+            *(name + s for s in suffixes for name in ("pixels", "reco_pixels")))
+
+
 KERNELS = machinery.register(machinery.LossKernels(
     name="dreamer_v3", terms=_terms, forward=_forward, forward_fake=_forward_fake,
     backward=_backward, empty_grad=_empty_grad, encode=_encode, reference=_reference,
+    plan=_Plan, input_names=_input_names,
 ))
 
 
@@ -729,34 +791,48 @@ def output_names(opts: V3Options) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _default_bins(num_bins: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return reference.default_reward_bins(num_bins, device).to(dtype)
+    with torch.inference_mode(False):  # kept for later calls: never an inference tensor
+        return reference.default_reward_bins(num_bins, device).to(dtype)
 
 
 def reward_support(opts: V3Options, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The two-hot bins on ``device`` in ``dtype``: the user's, or torchrl's default (built once
-    per size, device and dtype in eager mode)."""
+    per size, device and dtype in eager mode). Never an inference tensor unless the user's bins
+    are one and need no copy."""
     if opts.reward_bins is not None:  # read flat by the kernel
-        return opts.reward_bins.to(device=device, dtype=dtype).contiguous()
+        with torch.inference_mode(False):
+            return opts.reward_bins.to(device=device, dtype=dtype).contiguous()
     if torch.compiler.is_compiling():
         return reference.default_reward_bins(opts.num_reward_bins, device).to(dtype)
     return _default_bins(opts.num_reward_bins, device, dtype)
 
 
-def fused_dreamer_v3_model_loss(posterior_logits, prior_logits, pixels, reco_pixels, true_reward,
-                                reward_pred, continue_pred, terminated, opts: V3Options,
-                                shapes: V3Shapes) -> dict[str, torch.Tensor]:
-    """Run the fused kernels on validated inputs (see
-    :func:`fused_dreamer_loss.dreamer_v3_model_loss`)."""
-    bins = (reward_support(opts, true_reward.device, shapes.reward_dtype)
-            if opts.reward_two_hot else None)
+def kernel_inputs(posterior_logits, prior_logits, pixels, reco_pixels, true_reward, reward_pred,
+                  continue_pred, terminated, bins, opts: V3Options) -> list:
+    """The fused loss's inputs in the kernels' order (:data:`POSTERIOR` ... ``FIRST_HEAD``): the
+    continue inputs None without the continue term, then each head's target and prediction."""
     if not opts.has_continue:
         continue_pred = terminated = None
     heads = [t for pair in zip(pixels, reco_pixels) for t in pair]
-    inputs = (posterior_logits, prior_logits, true_reward, reward_pred, continue_pred, terminated,
-              bins, *heads)
-    losses = machinery.apply(KERNELS, opts, shapes, inputs)
-    by_name = dict(zip(output_names(opts), losses))
-    return {name: by_name[name] for name in reference_order(opts)}
+    return [posterior_logits, prior_logits, true_reward, reward_pred, continue_pred, terminated,
+            bins, *heads]
+
+
+class Prepared:
+    """The fused loss prepared for inputs of one signature, in the current grad mode: called with
+    the inputs in the kernels' order (:func:`kernel_inputs`, the bins included), it returns the
+    losses by name in the reference's order."""
+
+    __slots__ = ("call", "order")
+
+    def __init__(self, opts: V3Options, shapes: V3Shapes, inputs: Sequence):
+        self.call = machinery.FusedCall(KERNELS, opts, shapes, inputs, torch.is_grad_enabled())
+        names = output_names(opts)
+        self.order = [(name, names.index(name)) for name in reference_order(opts)]
+
+    def __call__(self, inputs: Sequence) -> dict[str, torch.Tensor]:
+        losses = machinery.run(self.call, inputs)
+        return {name: losses[i] for name, i in self.order}
 
 
 def reference_order(opts: V3Options) -> list[str]:

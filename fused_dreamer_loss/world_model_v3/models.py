@@ -3,13 +3,16 @@
 An encoder of two strided convolutions; a recurrent state-space model with categorical latents (a
 GRU belief ``h``, a prior ``p(z | h)`` and a posterior ``q(z | h, frame)`` over ``S`` categoricals
 of ``K`` classes, sampled straight-through with a uniform mixture); a decoder of two transposed
-convolutions predicting ``pixels / 255`` (the DreamerV3 image target); a reward head of two-hot
-logits and a continue head, both reading ``(z, h)``. Every input of the DreamerV3 loss is a real
+convolutions predicting ``pixels / 255`` (the DreamerV3 image target), or, with
+``reco_symlog=True``, the symlog of the raw pixel values (for losses that symlog raw uint8 frames,
+as torchrl's); a reward head of two-hot logits and a continue head, both reading ``(z, h)``. Every input of the DreamerV3 loss is a real
 network output, under the keys :class:`fused_dreamer_loss.FusedDreamerV3ModelLoss` reads by
 default.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from tensordict.nn import TensorDictModule
@@ -17,7 +20,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from .validation import DEFAULT_NUM_REWARD_BINS
+from ..core.math import symexp
 from .reference import default_reward_bins
+
+#: The decoder's output at initialisation is centred on mid-grey: 0.5 in ``pixels / 255`` units, or
+#: symlog(127.5) = log(1 + 127.5) with ``reco_symlog=True``.
+MID_GREY = 0.5
+SYMLOG_RAW_MID_GREY = math.log1p(127.5)
 
 #: Keys the world model writes, under "next", in FusedDreamerV3ModelLoss's default key names.
 OUT_KEYS = [("next", k) for k in ("prior_logits", "posterior_logits", "reco_pixels",
@@ -49,24 +58,30 @@ class CategoricalWorldModel(nn.Module):
         num_reward_bins: the reward head's logits (torchrl's default support of that size decodes
             them).
         unimix: the uniform mixture of the sampled categoricals.
+        reco_symlog: the decoder predicts ``symlog(pixels)`` of the raw values (0…255) and the
+            reconstruction written is its ``symexp``, in raw pixel units: what a loss with
+            ``reco_symlog=True`` on uint8 frames compares (the ``torchrl`` and ``torchrl-recipe``
+            conventions), whose symlog of it is the decoder's output. ``False``: the decoder
+            predicts ``pixels / 255`` (the other conventions).
 
     Returns from ``forward``:
         ``(prior_logits, posterior_logits, reco_pixels, reward_logits, reward, continue_pred)``:
         logits ``[*B, T, S, K]``, the reconstruction ``[*B, T, C, H, W]`` (in ``pixels / 255``
-        units), reward logits ``[*B, T, R]``, the decoded reward and the continue logit
+        units, or raw pixel units with ``reco_symlog``), reward logits ``[*B, T, R]``, the decoded reward and the continue logit
         ``[*B, T, 1]``.
     """
 
     def __init__(self, image_shape=(3, 64, 64), num_categoricals: int = 8, num_classes: int = 8,
                  belief_dim: int = 64, channels: int = 16, embed_dim: int = 128,
                  hidden_dim: int = 64, num_reward_bins: int = DEFAULT_NUM_REWARD_BINS,
-                 unimix: float = 0.01) -> None:
+                 unimix: float = 0.01, reco_symlog: bool = False) -> None:
         super().__init__()
         c, h, w = image_shape
         if h % 4 or w % 4:
             raise ValueError(f"image height and width must be divisible by 4, got {image_shape}")
         self.latent_shape = (num_categoricals, num_classes)
         self.unimix = unimix
+        self.reco_symlog = reco_symlog
         self.feature_shape = (2 * channels, h // 4, w // 4)
         features = 2 * channels * (h // 4) * (w // 4)
         latent = num_categoricals * num_classes
@@ -112,7 +127,11 @@ class CategoricalWorldModel(nn.Module):
             beliefs.append(belief)
         features = torch.cat([torch.stack(states, 1), torch.stack(beliefs, 1)], -1)  # [N, T, F]
         hidden = self.decoder_in(features).unflatten(-1, self.feature_shape)
-        reco = self.decoder(hidden.flatten(0, 1)).unflatten(0, features.shape[:2]) + 0.5
+        reco = self.decoder(hidden.flatten(0, 1)).unflatten(0, features.shape[:2])
+        if self.reco_symlog:
+            reco = symexp(reco + SYMLOG_RAW_MID_GREY)
+        else:
+            reco = reco + MID_GREY
         reward_logits = self.reward_head(features)
         reward = (torch.softmax(reward_logits, -1) * self.bins).sum(-1, keepdim=True)
         outputs = (torch.stack(priors, 1), torch.stack(posteriors, 1), reco, reward_logits,

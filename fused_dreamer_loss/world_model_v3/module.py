@@ -4,6 +4,7 @@ DreamerV3ModelLoss, computing through :func:`fused_dreamer_loss.dreamer_v3_model
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,14 +16,18 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey, unravel_key
 
-from ..core.torchrl_module import LossModuleBase, TensorKeysMixin, cast_to, torchrl_dtypes
+from ..core.torchrl_module import (LossModuleBase, TensorKeysMixin, _autocast_state, cast_to,
+                                  torchrl_dtypes)
 from ..core.validation import check_backend
 from .functional import dreamer_v3_model_loss
 from .reference import default_reward_bins, symlog
-from .validation import DEFAULT_NUM_REWARD_BINS, V3Options
+from .validation import DEFAULT_NUM_REWARD_BINS, V3Options, check_bins_ascending
 
 KL_NAMES = {"balanced": ("loss_model_kl",),
             "separate": ("loss_model_dynamic", "loss_model_representation")}
+#: Dtypes a module cast does not give the reward_bins buffer: torchrl's default support (±4.9e8)
+#: overflows float16 and is rounded to 3 digits in bfloat16, and the loss computes in float32.
+NARROW_FLOATS = (torch.float16, torch.bfloat16)
 
 
 # ---- torchrl's dtypes: the kinds of ops its DreamerV3ModelLoss applies to each term -------------
@@ -108,6 +113,11 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
       continue term and for uint8 heads without symlog), but are computed in float32 or float64
       and rounded once, never in bf16 arithmetic; heads without symlog of a float64 world model
       are compared in float64 (torchrl first rounds the prediction to float32);
+    - a cast of the module to float16 or bfloat16 (``loss.to(torch.float16)``, ``half()``)
+      leaves the ``reward_bins`` buffer in its dtype (it follows the device): torchrl's float16
+      buffer overflows to ±inf at the ends of the default support and its bfloat16 one rounds every
+      bin, while the loss is computed in float32 anyway (a state dict saved from a float16 torchrl
+      module holds those infinite bins: rebuild its bins rather than load them);
     - options are checked at construction (torchrl checks ``kl_mode`` and
       ``continue_target_scale``), key values in ``set_keys``, and the inputs on every call, with
       errors naming the argument or the key; ``terminated`` may also be float (torchrl's ``~``
@@ -145,7 +155,9 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
         num_reward_bins (int, optional): the number of reward bins of torchrl's default support;
             with ``reward_bins`` it is their count (passing another value raises). Default: 255.
         global_average (bool, optional): average the reconstruction over all its elements instead
-            of summing each row over its event dims. Default: ``False``.
+            of summing each row over everything after the tensordict's batch dims and averaging
+            over the rows, as torchrl (a tensordict of ``batch_size=[B]`` holding ``[B, T, ...]``
+            frames has B rows of T frames). Default: ``False``.
         detach_output (bool, optional): return the world model's output detached. Default: True.
         reward_bins (tensor or sequence, optional): a support of your own (1-D, ascending) for the
             ``reward_bins`` buffer; default: torchrl's (``symexp`` of a uniform grid of [−20, 20]).
@@ -293,6 +305,7 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
                     f"num_reward_bins={num_reward_bins} but reward_bins holds {bins.numel()} "
                     "bins; leave num_reward_bins out when you give reward_bins")
             num_reward_bins = bins.numel()
+            check_bins_ascending(bins, bins.dtype)  # as the buffer holds them
         self.world_model = world_model
         self.backend = check_backend(backend)
         self.lambda_kl = lambda_kl
@@ -316,6 +329,8 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
         self.pixels_scale = pixels_scale
         self.pixels_offset = pixels_offset
         self.register_buffer("reward_bins", bins)
+        #: The losses' torchrl dtypes by input dtypes, options and autocast state.
+        self._dtypes: dict = {}
         self._tensor_keys = self._AcceptedKeys()
         self.in_keys = list(getattr(world_model, "in_keys", []))
         self.out_keys = ["loss_model_reco", "loss_model_reward", *KL_NAMES[kl_mode],
@@ -336,6 +351,17 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
         fused.reward_bins = loss.reward_bins.detach().clone()
         fused.set_keys(**dataclasses.asdict(loss.tensor_keys))
         return fused
+
+    def _apply(self, fn, *args, **kwargs):
+        """``nn.Module._apply`` (behind ``to``, ``half``, ``cuda``, ...), except that a cast to
+        float16 or bfloat16 leaves ``reward_bins`` in its dtype (on the new device): bins in a
+        dtype that holds them."""
+        bins = self.reward_bins
+        result = super()._apply(fn, *args, **kwargs)
+        cast = self._buffers["reward_bins"]
+        if cast.dtype in NARROW_FLOATS and bins.dtype not in NARROW_FLOATS:
+            self._buffers["reward_bins"] = bins.to(cast.device)
+        return result
 
     def _heads(self) -> tuple[list[NestedKey], list[NestedKey], list[bool | str]]:
         """The (pixels, reco_pixels, reco_symlog) of each head, or a ValueError naming them."""
@@ -364,11 +390,11 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
                     f"{logits_key} (the 'reward_logits' key) is missing from the world model's "
                     f"output (and so is the legacy {reward_key}); set it with "
                     "set_keys(reward_logits=...) if your world model writes it elsewhere")
+            # torchrl's category and words, so that filters and matches written for it hold
             warnings.warn(
-                f"the reward logits were read from {reward_key}, the decoded-reward key, because "
-                f"{logits_key} is missing: torchrl deprecates this fallback (removal planned for "
-                "torchrl 0.16); have the world model write the logits to the reward_logits key",
-                DeprecationWarning, stacklevel=3)
+                "Storing DreamerV3 categorical reward logits under the decoded reward key "
+                f"{reward_key!r} is deprecated and will be removed in v0.16. Write logits to the "
+                "configured reward_logits key instead.", DeprecationWarning, stacklevel=3)
         if logits.shape[-1] != self.reward_bins.numel():
             raise ValueError(
                 f"reward_two_hot=True needs logits over {self.reward_bins.numel()} bins, but the "
@@ -394,7 +420,24 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
 
     def _torchrl_dtypes(self, posterior, prior, targets, predictions, symlogs, true_reward,
                         reward_pred, continue_pred) -> dict[str, torch.dtype | None]:
-        """The dtype of each loss as torchrl's module would return it (see ``torchrl_dtypes``)."""
+        """The dtype of each loss as torchrl's module would return it (see ``torchrl_dtypes``),
+        worked out once per input dtypes, options and autocast state."""
+        tensors = (posterior, prior, *targets, *predictions, true_reward, reward_pred,
+                   continue_pred)
+        key = None if torch.compiler.is_compiling() else (
+            tuple(None if t is None else t.dtype for t in tensors), tuple(symlogs),
+            posterior.device.type, _autocast_state(posterior.device.type), self.reco_loss,
+            self.global_average, self.reward_two_hot, self.kl_mode)
+        dtypes = self._dtypes.get(key) if key is not None else None
+        if dtypes is None:
+            dtypes = self._probe_dtypes(posterior, prior, targets, predictions, symlogs,
+                                        true_reward, reward_pred, continue_pred)
+            if key is not None:
+                self._dtypes[key] = dtypes
+        return dtypes
+
+    def _probe_dtypes(self, posterior, prior, targets, predictions, symlogs, true_reward,
+                      reward_pred, continue_pred) -> dict[str, torch.dtype | None]:
         def one(chain, tensors, *params):
             found = torchrl_dtypes(chain, tuple(t.dtype for t in tensors), posterior.device,
                                    params)
@@ -414,8 +457,10 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
     def forward(self, tensordict: TensorDictBase) -> tuple[TensorDict, TensorDictBase]:
         """Run the world model on a shallow copy of ``tensordict`` and compute the losses."""
         keys = self._tensor_keys
-        # New containers for every nested level, no tensor copied: renaming does not touch the input
-        tensordict = tensordict.select(*tensordict.keys(True, True))
+        # New containers for every nested level, no tensor copied: renaming does not touch the
+        # input (under torch.compile a shallow copy can keep the input's nested containers)
+        tensordict = (tensordict.select(*tensordict.keys(True, True))
+                      if torch.compiler.is_compiling() else tensordict.copy())
         self._next(tensordict, "reward", "input tensordict")
         tensordict.rename_key_(unravel_key(("next", keys.reward)),
                                unravel_key(("next", keys.true_reward)))
@@ -433,7 +478,9 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
 
         losses = dreamer_v3_model_loss(
             posterior, prior, targets, predictions, true_reward, reward_pred, continue_pred,
-            terminated, lambda_kl=self.lambda_kl, lambda_reco=self.lambda_reco,
+            terminated, lambda_kl=self.lambda_kl,
+            lambda_reco=self.lambda_reco * _rows_per_tensordict_row(posterior, tensordict,
+                                                                    self.global_average),
             lambda_reward=self.lambda_reward,
             lambda_continue=self.lambda_continue if continue_pred is not None else 0.0,
             kl_mode=self.kl_mode, lambda_dynamic=self.lambda_dynamic,
@@ -451,7 +498,18 @@ class FusedDreamerV3ModelLoss(TensorKeysMixin, LossModuleBase):
         out = TensorDict({name: cast_to(loss, dtypes.get(name)).unsqueeze(-1)
                           for name, loss in losses.items()}, batch_size=[])
         self._clear_refs(tensordict, out)
-        return out, tensordict.data if self.detach_output else tensordict
+        return out, tensordict.detach() if self.detach_output else tensordict
+
+
+def _rows_per_tensordict_row(logits: torch.Tensor, tensordict: TensorDictBase,
+                             global_average: bool) -> float:
+    """How many of the functional loss's reconstruction rows (the logits' batch dims ``*B``) make
+    one row of torchrl's, which sums each row over everything after the tensordict's batch dims
+    (``batch_size=[B]`` with ``[B, T, ...]`` frames: T; ``batch_size=[]``: all of ``*B``)."""
+    rows, tensordict_rows = math.prod(logits.shape[:-2]), math.prod(tensordict.batch_size)
+    if global_average or not tensordict_rows:  # an empty batch: the functional loss says so
+        return 1.0
+    return rows / tensordict_rows
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:

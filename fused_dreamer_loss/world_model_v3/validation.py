@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,16 @@ SYMLOG_BOTH = "both"
 SYMLOG_TARGET = "target"
 SYMLOG_NONE = "none"
 _HEAD_MODES = {True: SYMLOG_BOTH, False: SYMLOG_NONE, "target": SYMLOG_TARGET}
+
+#: Warned about once a process: a head that symlogs integer targets symlogs the raw values.
+RAW_SYMLOG_WARNING = (
+    "{name} holds integer frames ({dtype}) and reco_symlog is {mode!r} for that head: the loss "
+    "compares the symlog of the raw values (0...255), as torchrl does, not of pixels / 255, so "
+    "the prediction must be in raw pixel units (or, with 'target', in symlog units). For targets "
+    "scaled as x * pixels_scale + pixels_offset (the DreamerV3 reference's uint8 / 255), use "
+    "reco_symlog=False. Shown once."
+)
+_warned: set[str] = set()
 
 _REAL_OPTIONS = ("lambda_kl", "lambda_reco", "lambda_reward", "lambda_continue", "lambda_dynamic",
                  "lambda_representation", "unimix", "continue_target_scale", "kl_alpha",
@@ -81,15 +92,25 @@ def _check_reward_bins(value: object) -> torch.Tensor:
             f"reward_bins must be 1-D with at least {MIN_REWARD_BINS} values, got shape "
             f"{tuple(bins.shape)}"
         )
-    if bins.device.type == "cpu" and not torch.compiler.is_compiling():
-        values = bins.double()
-        if not bool(torch.isfinite(values).all()) or not bool((values[1:] > values[:-1]).all()):
-            raise ValueError(
-                f"reward_bins must be finite and strictly ascending, got {values.tolist()}"
-                if values.numel() <= _BINS_SHOWN else
-                f"reward_bins must be finite and strictly ascending ({values.numel()} values)"
-            )
+    check_bins_ascending(bins, torch.float64)
     return bins
+
+
+def check_bins_ascending(bins: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise a ValueError naming ``reward_bins`` unless ``bins``, cast to ``dtype`` (the dtype the
+    loss uses them in), are finite and strictly ascending: bins distinct in float64 may collide
+    in float32 (``1e8`` and ``1e8 + 1``), which would divide by zero in the two-hot weights.
+    Only bins on the CPU are read, outside ``torch.compile``: a device tensor would synchronise.
+    """
+    if bins.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    values = bins.to(dtype)
+    if bool(torch.isfinite(values).all()) and bool((values[1:] > values[:-1]).all()):
+        return
+    where = "" if dtype == torch.float64 else f" in {dtype}, the dtype of the reward loss"
+    shown = (f", got {values.tolist()}" if values.numel() <= _BINS_SHOWN
+             else f" ({values.numel()} values)")
+    raise ValueError(f"reward_bins must be finite and strictly ascending{where}{shown}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -320,6 +341,10 @@ def validate_v3_inputs(
         )
 
     per_head = symlog if isinstance(symlog, tuple) else (symlog,) * len(targets)
+    for ((name, target), _), mode in zip(heads, per_head):
+        if mode is not False and not target.is_floating_point():
+            _warn_once(RAW_SYMLOG_WARNING,
+                       RAW_SYMLOG_WARNING.format(name=name, dtype=target.dtype, mode=mode))
 
     if posterior_logits.dim() < 3:
         raise ValueError(
@@ -383,7 +408,18 @@ def validate_v3_inputs(
         continue_dtype=(_term_dtype(continue_pred, terminated) if opts.has_continue else None),
     )
     _check_options_fit(opts, shapes)
+    if opts.reward_two_hot and bins is not None:
+        check_bins_ascending(bins, shapes.reward_dtype)
     return shapes
+
+
+def _warn_once(key: str, message: str) -> None:
+    """A UserWarning the first time ``key`` applies in this process (pointing at the caller of
+    the loss), none after; none while torch.compile traces, where a warning cannot be raised."""
+    if key in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add(key)
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _check_options_fit(opts: V3Options, shapes: V3Shapes) -> None:

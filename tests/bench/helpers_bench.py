@@ -8,13 +8,14 @@ import torch
 
 ROW_KEYS = {"impl", "preset", "frames", "image_shape", "latent_dim", "dtype", "mode", "median_ms",
             "gbps", "peak_mem_mb", "frac_copy", "speedup_vs_eager", "compile_s", "status", "extra",
-            "launches", "model_bytes", "loss", "convention", "latent_shape"}
+            "launches", "model_bytes", "loss", "convention", "latent_shape", "min_ms", "max_ms",
+            "noisy"}
 CPU = not torch.cuda.is_available()
 
 
 def numbers(row):
     return [row[k] for k in ("median_ms", "gbps", "peak_mem_mb", "frac_copy", "speedup_vs_eager",
-                             "compile_s", "launches", "model_bytes")]
+                             "compile_s", "launches", "model_bytes", "min_ms", "max_ms")]
 
 
 # The minimal-traffic model of DESIGN-V3 §5 for v3-tiny, by hand: 8 rows of a 3x8x8 uint8 frame,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from fused_dreamer_loss import V3_CONVENTIONS
-from fused_dreamer_loss.bench import cli, peers, presets, workloads
+from fused_dreamer_loss.bench import cli, peers, presets, timing, workloads
 from fused_dreamer_loss.bench.report import failures
 from tests.bench.helpers_bench import CPU, ROW_KEYS, V3_TINY_BYTES, numbers
 
@@ -42,8 +43,12 @@ def test_tiny_preset_on_cpu(tmp_path, capsys):
         if row["impl"] == "fused":
             assert row["status"].startswith("correct (interpreter)")
             assert row["median_ms"] is None and row["gbps"] is None
+            assert row["min_ms"] is None and row["max_ms"] is None and row["noisy"] is None
         else:
             assert row["status"] == "ok" and row["median_ms"] > 0 and row["gbps"] > 0
+            # The spread over the CPU repeats, and whether it is too wide to trust the median.
+            assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+            assert row["noisy"] == (row["max_ms"] > timing.NOISY_SPREAD * row["min_ms"])
         assert row["peak_mem_mb"] is None and row["frac_copy"] is None  # CUDA-only figures
     # The fused launches: forward kernel + finalize, and one backward kernel; fwd+bwd also has the
     # three grad-output fills of torch.autograd.grad, as every implementation does.
@@ -56,7 +61,7 @@ def test_tiny_preset_on_cpu(tmp_path, capsys):
     assert all(r["speedup_vs_eager"] == 1.0 for r in data["results"] if r["impl"] == "eager")
     table = out_md.read_text()
     assert "| eager | tiny | float32 | fwd+bwd |" in table
-    assert "| fused | tiny | float32 | fwd+bwd | — | 6 | — |" in table
+    assert "| fused | tiny | float32 | fwd+bwd | — | — | 6 | — |" in table
     assert "0 GB/s" not in table and "| 0 |" not in table
     out = capsys.readouterr().out
     assert "fused: correct (interpreter) on tiny float32" in out
@@ -95,6 +100,12 @@ def test_a_crashing_implementation_exits_1_and_the_others_still_run(monkeypatch,
     assert "| eager | tiny | float32 | fwd |" in captured.out  # the run went on
 
 
+def test_a_forward_only_run_prints_no_fwd_bwd_footnote(capsys):
+    cli.run(["--preset", "tiny", "--device", "cpu", "--impl", "eager", "--mode", "fwd"])
+    out = capsys.readouterr().out
+    assert "launches: kernels per step" in out and "fwd+bwd" not in out
+
+
 @pytest.mark.skipif(not CPU, reason="the CPU path: the command restarts itself with the interpreter")
 def test_installed_console_script(tmp_path):
     """The command a newcomer runs, as installed next to this Python: exit 0, the fused kernels
@@ -124,6 +135,38 @@ def test_bad_arguments_are_argparse_errors(argv, capsys):
         cli.main(argv)
     assert exc.value.code == 2
     assert "usage: fused-dreamer-loss-bench" in capsys.readouterr().err
+
+
+def readme_bench_options() -> list[list[str]]:
+    """The options the README's benchmark paragraph shows with values, as written: ``--mode fwd
+    fwd+bwd`` (a list: the option takes them all at once), ``--device cuda|cpu`` (one choice)."""
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    paragraph = readme[readme.index("The benchmark CLI ("):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    return [span.split() for span in re.findall(r"`(--[a-z-]+ [^`]+)`", paragraph)]
+
+
+def test_the_readme_writes_each_option_as_the_parser_takes_it(monkeypatch):
+    """An option shown with several values takes them together (a list); one that takes one value
+    shows its choices as a|b, each of which it takes alone."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda parses
+    shown = readme_bench_options()
+    assert {words[0] for words in shown} >= {"--loss", "--preset", "--dtype", "--mode", "--impl",
+                                              "--device", "--workload"}
+    for option, *values in shown:
+        if len(values) == 1 and "|" in values[0]:
+            for value in values[0].split("|"):
+                cli.parse_args([option, value])
+        else:
+            cli.parse_args([option, *values])
+
+
+def test_loss_is_one_choice(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--loss", "v1", "v3"])
+    assert exc.value.code == 2
+    (loss,) = [a for a in cli.make_parser()._actions if "--loss" in a.option_strings]
+    assert loss.help.startswith("one per run: v1: the Dreamer loss")
 
 
 def test_help_explains_every_option(capsys):
@@ -190,7 +233,7 @@ def test_v3_tiny_on_cpu(tmp_path, capsys):
     assert both["extra"]["launched"].get("aten::fill_") == 5 and both["launches"] == 8
     for impl in ("eager", "torchrl"):
         assert rows[impl, "fwd"]["launches"] > 2 and rows[impl, "fwd+bwd"]["launches"] > 8
-    assert "| fused | v3-tiny | float32 | fwd+bwd | — | 8 | — |" in out_md.read_text()
+    assert "| fused | v3-tiny | float32 | fwd+bwd | — | — | 8 | — |" in out_md.read_text()
     out = capsys.readouterr().out
     assert ("fused: correct (interpreter) on v3-tiny float32: the 5 losses and the 5 gradients "
             "agree") in out
@@ -223,6 +266,6 @@ def test_torchrl_rows_are_na_where_torchrl_lacks_the_options(capsys):
     assert torchrl["median_ms"] is None and torchrl["launches"] is None
     assert torchrl["model_bytes"] > 0 and eager["status"] == "ok"
     assert failures(report) == []
-    assert "| torchrl | v3-tiny | float32 | fwd | — | — | — |" in capsys.readouterr().out
+    assert "| torchrl | v3-tiny | float32 | fwd | — | — | — | — |" in capsys.readouterr().out
     lacking = {name for name, options in V3_CONVENTIONS.items() if peers.torchrl_v3_gap(options)}
     assert lacking == {"dreamerv3-2023", "sheeprl"}

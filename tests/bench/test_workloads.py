@@ -15,16 +15,50 @@ from fused_dreamer_loss.models_v3 import CategoricalWorldModel
 from tests.bench.helpers_bench import CPU, ROW_KEYS, numbers
 
 
+@pytest.mark.skipif(not CPU, reason="the CPU path: fused through Triton's interpreter")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_train_step_workload_on_cpu(tmp_path, dtype):
+def test_train_step_workload_on_cpu(tmp_path, capsys, dtype):
+    """--workload train-step (V1) on a CPU: the fused loss of the world model's outputs in the
+    first step checked through the interpreter (as the V3 train step does), not timed; eager
+    timed."""
     out = tmp_path / "train.json"
     assert cli.main(["--workload", "train-step", "--preset", "tiny", "--device", "cpu",
                      "--dtype", dtype, "--impl", "fused", "eager", "--json", str(out)]) == 0
     rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
     assert rows.keys() == {"fused", "eager"}
-    assert rows["fused"]["status"].startswith("skipped")
+    assert rows["fused"]["status"] == ("correct (interpreter) on the world model's outputs; not "
+                                       "timed (needs a CUDA GPU)")
+    assert rows["fused"]["median_ms"] is None and rows["fused"]["extra"]["interpreter"] is True
     assert rows["eager"]["status"] == "ok" and rows["eager"]["median_ms"] > 0
     assert rows["eager"]["mode"] == "train-step" and rows["eager"]["dtype"] == dtype
+    assert (f"fused: correct (interpreter) on tiny {dtype}: the three losses and the six "
+            "gradients agree") in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not CPU, reason="the CPU path: fused through Triton's interpreter")
+def test_train_step_reports_a_wrong_fused_loss(monkeypatch, capsys):
+    """The V1 fused train-step row is the check of the step's world-model outputs: a loss 0.1%
+    off makes it wrong and the exit status 1."""
+    real = peers.dreamer_model_loss
+
+    def off(*args, **kwargs):  # what check_fused calls: the KL 0.1% off
+        kl, reco, reward = real(*args, **kwargs)
+        return kl * 1.001, reco, reward
+
+    monkeypatch.setattr(peers, "dreamer_model_loss", off)
+    assert cli.main(["--workload", "train-step", "--preset", "tiny", "--device", "cpu",
+                     "--impl", "fused"]) == 1
+    assert ("fused tiny float32 train-step: wrong: loss_kl: relative error 1.00e-03"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv", [["--preset", "tiny"], ["--loss", "v3"]])
+def test_train_step_prints_no_fwd_bwd_footnote(argv, capsys):
+    """A train step has no fwd+bwd rows and counts no launches: no footnote about either."""
+    cli.run(["--workload", "train-step", "--device", "cpu", "--impl", "eager", *argv])
+    out = capsys.readouterr().out
+    assert "| eager |" in out
+    assert "fwd+bwd" not in out and "launches:" not in out
 
 
 @pytest.mark.skipif(not CPU, reason="the CPU path: fused through Triton's interpreter")

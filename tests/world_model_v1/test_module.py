@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 
 from fused_dreamer_loss import FusedDreamerModelLoss
+from tests.helpers import assert_same_state, assert_torchrl_loss_module_api
 
 torchrl = pytest.importorskip("torchrl")
 from torchrl.data import Unbounded  # noqa: E402
@@ -228,28 +228,14 @@ def test_works_with_a_deep_copied_world_model(device, model):
 
 
 def test_is_a_torchrl_loss_module_with_its_api(model):
-    from torchrl.objectives.common import LossModule
-
     ours, theirs = FusedDreamerModelLoss(model), DreamerModelLoss(model)
-    assert isinstance(ours, LossModule)
-    assert ours.functional is theirs.functional is True
-    assert ours.vmap_randomness == theirs.vmap_randomness
     for loss in (ours, theirs):
-        with pytest.raises(NotImplementedError):
-            loss.make_value_estimator()
         with pytest.raises(NotImplementedError):
             loss.set_vmap_randomness("different")  # no vmap caller in either
     ours.set_keys(pixels="rgb")
     ours.set_keys(pixels=None)  # None restores the default, as torchrl
     assert ours.tensor_keys.pixels == "pixels"
-    # convert_to_functional: the same parameters and state-dict names appear on both
-    for loss in (ours, theirs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "not part of the annotations"
-            loss.convert_to_functional(copy.deepcopy(model[1]), "extra_net")
-    assert set(ours.state_dict()) == set(theirs.state_dict())
-    assert (set(ours.extra_net_params.keys(True, True))
-            == set(theirs.extra_net_params.keys(True, True)))
+    assert_torchrl_loss_module_api(ours, theirs, model[1])
 
 
 def test_decoder_reward_model_kl_loss_and_log_probability_as_torchrl(device, model):
@@ -292,15 +278,13 @@ def test_state_dict_names_and_strict_loading_both_ways(device, model):
     ours = FusedDreamerModelLoss(world_model(device))
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_same_state(ours, theirs)
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(1.0)
     again = DreamerModelLoss(copy.deepcopy(model))
     again.load_state_dict(ours.state_dict(), strict=True)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_same_state(ours, again)
 
 
 def test_reset_parameters_recursive_as_torchrl(model):

@@ -17,7 +17,6 @@ import itertools
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -28,13 +27,13 @@ import fused_dreamer_loss.models_v3
 import fused_dreamer_loss.module_v3
 from fused_dreamer_loss import FusedDreamerV3ModelLoss
 from fused_dreamer_loss.reference_v3 import categorical_kl_terms, symexp
+from tests.helpers import assert_same_state, assert_torchrl_loss_module_api
 from tests.helpers import one_thread  # noqa: F401 (autouse: this module runs on one thread)
 
 try:
     from torchrl.modules import (DreamerV3ImageDecoder, DreamerV3ImageEncoder, DreamerV3MLP,
                                  RSSMPosteriorV3, RSSMPriorV3, RSSMRolloutV3, SymExpTwoHot)
     from torchrl.objectives import DreamerV3ModelLoss
-    from torchrl.objectives.common import LossModule
 except ImportError:
     DreamerV3ModelLoss = None
 needs_torchrl = pytest.mark.skipif(DreamerV3ModelLoss is None, reason="torchrl is not installed")
@@ -308,21 +307,8 @@ def model():
 @needs_torchrl
 def test_is_a_torchrl_loss_module_with_its_api(model):
     ours, theirs = FusedDreamerV3ModelLoss(model), DreamerV3ModelLoss(model)
-    assert isinstance(ours, LossModule)
-    assert ours.functional is theirs.functional is True
-    assert ours.vmap_randomness == theirs.vmap_randomness
-    for loss in (ours, theirs):
-        with pytest.raises(NotImplementedError):
-            loss.make_value_estimator()
     assert ours.set_keys(pixels="pixels") is None
-    # convert_to_functional: the same parameters and state-dict names appear on both
-    for loss in (ours, theirs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "not part of the annotations"
-            loss.convert_to_functional(copy.deepcopy(model[-1]), "extra_net")
-    assert set(ours.state_dict()) == set(theirs.state_dict())
-    assert (set(ours.extra_net_params.keys(True, True))
-            == set(theirs.extra_net_params.keys(True, True)))
+    assert_torchrl_loss_module_api(ours, theirs, model[-1])
 
 
 @needs_torchrl
@@ -353,16 +339,14 @@ def test_state_dict_names_and_strict_loading_both_ways(model):
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert "reward_bins" in ours.state_dict()
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_same_state(ours, theirs)
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(1.0)
         ours.reward_bins.mul_(2)
     again = DreamerV3ModelLoss(copy.deepcopy(model), num_reward_bins=BINS)
     again.load_state_dict(ours.state_dict(), strict=True)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_same_state(ours, again)
 
 
 @needs_torchrl

@@ -1,0 +1,69 @@
+"""Check, with Triton's real compiler and a driver that launches nothing, that a direct launch
+of the fused kernels (:class:`fused_dreamer_loss.core.machinery.Launch` after its first call)
+hands the launcher what Triton's own dispatch hands it for the same arguments.
+
+Every direct launch is followed by Triton's dispatch of the same arguments; both launcher calls
+are recorded and compared: grid, stream, function, metadata, and every argument value, a tensor
+as its data pointer. Prints one JSON line per compared launch. Run from the repository root as
+``python -m tests.bench.direct_launch_check`` with TRITON_INTERPRET unset
+(``tests/bench/test_host.py`` does).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from fused_dreamer_loss.bench import host
+from fused_dreamer_loss.core import machinery
+
+CALLS: list[tuple] = []
+
+
+def _pointer(value):
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr()
+    if isinstance(value, tuple):
+        return tuple(_pointer(v) for v in value)
+    return value
+
+
+def main() -> None:
+    launch_call = machinery.Launch.__call__
+    launcher_call = host._NoLaunch.__call__
+    compared = []
+
+    def recording_launcher(self, *args):
+        CALLS.append(args)
+        return launcher_call(self, *args)
+
+    def checked_launch(self, *args):
+        direct = self._direct is not None
+        before = len(CALLS)
+        launch_call(self, *args)
+        if not direct or len(CALLS) != before + 1:
+            return
+        kernel = getattr(self.owner, self.name)
+        kernel[(self.programs,)](*args, **self.constexprs)
+        mine, triton_s = CALLS[-2], CALLS[-1]
+        head = 5  # grid x, y, z, stream, function
+        same = (mine[:head] == triton_s[:head] and mine[head] is triton_s[head]
+                and [_pointer(v) for v in mine[head + 4:]]
+                == [_pointer(v) for v in triton_s[head + 4:]])
+        compared.append({"kernel": self.name, "values": len(mine) - head - 4, "same": same})
+
+    host._NoLaunch.__call__ = recording_launcher
+    machinery.Launch.__call__ = checked_launch
+    with host.no_launch_driver():
+        for impl in host.implementations():
+            if impl.fused:
+                step = host.make_step(*impl.build("cpu"))
+                for _ in range(2):
+                    step()
+    for line in compared:
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
