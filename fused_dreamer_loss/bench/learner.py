@@ -437,8 +437,9 @@ def learner_row(impl: str, preset: str, dtype_name: str, mode: str, run: Run) ->
         row.extra["interpreter"] = True
         return row
     time_into(row, updates, cuda)
-    row.extra["loss_ms"] = timed([alone], cuda).median_ms
-    row.extra["loss_share_time"] = row.extra["loss_ms"] / row.median_ms
+    alone_time = timed([alone], cuda)
+    row.extra.update(loss_ms=alone_time.median_ms, loss_noisy=alone_time.noisy,
+                     loss_share_time=alone_time.median_ms / row.median_ms)
     if cuda:
         row.peak_mem_mb = peak_mem_mb(updates[0])
     return row

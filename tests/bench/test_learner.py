@@ -15,6 +15,7 @@ import torch
 
 from fused_dreamer_loss.bench import cli, timing
 from tests.bench.helpers_bench import CPU, ROW_KEYS, numbers
+from tests.helpers import one_thread  # noqa: F401 (autouse: this module runs on one thread)
 from tests.bench.test_run_gpu_all import GPU_SCRIPT
 
 pytest.importorskip("torchrl")

@@ -47,9 +47,14 @@ from tests.helpers import one_thread  # noqa: F401 (autouse: this module runs on
 pytest.importorskip("torchrl")
 from fused_dreamer_loss.bench.learner import make_learner, make_sample, make_stepper  # noqa: E402
 
-# torchrl.trainers, imported by the learner, defines classes that torchrl itself deprecates.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Creating .* which inherits from WeightUpdaterBase is deprecated:DeprecationWarning")
+pytestmark = [
+    # torchrl.trainers, imported by the learner, defines classes that torchrl itself deprecates.
+    pytest.mark.filterwarnings("ignore:Creating .* which inherits from WeightUpdaterBase is "
+                               "deprecated:DeprecationWarning"),
+    # The torchrl convention on uint8 frames: the symlog of raw pixel values, as torchrl's own
+    # loss compares them, which our module points out once.
+    pytest.mark.filterwarnings("ignore:pixels holds integer frames:UserWarning"),
+]
 
 PRESET = "v3-tiny"
 STEPS = 3
