@@ -48,7 +48,7 @@ def imported_subpackages(path: pathlib.Path) -> set[str]:
 
 
 def test_there_are_families():
-    assert {"world_model_v1", "world_model_v3"} <= set(FAMILIES)
+    assert {"world_model_v1", "world_model_v3", "behavior_v3"} <= set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -75,7 +75,11 @@ def test_the_import_check_sees_a_cross_family_import(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["V3_CONVENTIONS", "FusedDreamerModelLoss",
                                   "FusedDreamerV3ModelLoss", "dreamer_model_loss",
-                                  "dreamer_v3_model_loss"])
+                                  "dreamer_v3_model_loss", "BEHAVIOR_CONVENTIONS",
+                                  "lambda_returns", "return_scale", "dreamer_v3_actor_loss",
+                                  "dreamer_v3_value_loss", "replay_value_loss",
+                                  "dreamer_v3_behavior_loss", "FusedDreamerV3ActorLoss",
+                                  "FusedDreamerV3ValueLoss"])
 def test_public_names(name):
     assert name in fused_dreamer_loss.__all__ and getattr(fused_dreamer_loss, name) is not None
 
