@@ -14,7 +14,7 @@
 #   bash bench/run_gpu_all.sh --dry-run [FOLDER]   # print the commands, run nothing
 #
 # Without internet: the packages the machine lacks (tensordict, torchrl) are installed from the
-# wheels in ./.whl when it exists (`bash ../shared/gpu/wheels.sh --torchrl` fetches them where
+# wheels in ./.whl when it exists (`bash bench/wheels.sh --torchrl` fetches them where
 # there is internet). Where only a few files can come back from the machine, pass a scratch folder
 # and archive it: bash bench/run_gpu_all.sh /tmp/r; tar -czf "$OUT/results.tar.gz" -C /tmp/r .
 set -uo pipefail

@@ -99,3 +99,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def module_losses_and_grads(loss_module, td):
+    """A world-model loss module's losses on ``td`` and the gradient of each world-model
+    parameter of their sum."""
+    loss_module.world_model.zero_grad(set_to_none=True)
+    losses, _ = loss_module(td)
+    sum(losses.values()).sum().backward()
+    return losses, {n: p.grad.clone() for n, p in loss_module.world_model.named_parameters()}

@@ -560,6 +560,14 @@ gradients_op = torch.library.custom_op("fused_dreamer_loss::gradients", _gradien
 gradients_op.register_fake(_gradients_fake)
 
 
+def planned_forward(plan, inputs: Sequence[Optional[torch.Tensor]],
+                    needs: Sequence[bool]) -> list[torch.Tensor]:
+    """A plan's forward in the form of :attr:`LossKernels.forward`: ``[*losses, keep, *grads]``,
+    the gradients of the inputs in ``needs``."""
+    losses, keep, grads = plan.forward(inputs, needs)
+    return [*losses, keep, *(t for t in grads if t is not None)]
+
+
 class _Unplanned:
     """The plan interface over a loss's plain ``forward`` and ``backward`` (a loss without
     ``plan``)."""

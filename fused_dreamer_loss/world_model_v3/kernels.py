@@ -708,10 +708,8 @@ _MODULE = sys.modules[__name__]
 
 def _forward(inputs: list[Optional[torch.Tensor]], floats: list[float], ints: list[int],
              needs: list[bool]) -> list[torch.Tensor]:
-    """Launch the forward on validated inputs: ``[*losses, keep, *grads]``, the gradients of the
-    inputs in ``needs`` (see :meth:`_Plan.forward`)."""
-    losses, keep, grads = _Plan(inputs, floats, ints).forward(inputs, needs)
-    return [*losses, keep, *(t for t in grads if t is not None)]
+    """Launch the forward on validated inputs (see :func:`machinery.planned_forward`)."""
+    return machinery.planned_forward(_Plan(inputs, floats, ints), inputs, needs)
 
 
 def _forward_fake(inputs, floats, ints, needs):

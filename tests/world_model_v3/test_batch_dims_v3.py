@@ -16,6 +16,7 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
 from fused_dreamer_loss import FusedDreamerV3ModelLoss
+from tests.helpers import module_losses_and_grads
 
 torchrl_objectives = pytest.importorskip("torchrl.objectives")
 
@@ -70,13 +71,6 @@ def data(shape, batch_dims):
     }}, batch_size=shape[:batch_dims])
 
 
-def run(loss_module, td):
-    loss_module.world_model.zero_grad(set_to_none=True)
-    losses, _ = loss_module(td)
-    sum(losses.values()).sum().backward()
-    return losses, {n: p.grad.clone() for n, p in loss_module.world_model.named_parameters()}
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("shape, batch_dims", SHAPES, ids=lambda v: str(v))
@@ -90,7 +84,7 @@ def test_every_batch_size_reduces_as_torchrl(shape, batch_dims, options, backend
         for loss in (theirs, ours):
             loss.set_keys(pixels=["pixels", "vector"], reco_pixels=["reco_pixels", "reco_vector"])
     td = data(shape, batch_dims)
-    (t_losses, t_grads), (o_losses, o_grads) = run(theirs, td), run(ours, td)
+    (t_losses, t_grads), (o_losses, o_grads) = module_losses_and_grads(theirs, td), module_losses_and_grads(ours, td)
     assert list(o_losses.keys()) == list(t_losses.keys())
     for name, want in t_losses.items():
         torch.testing.assert_close(o_losses[name], want, rtol=2e-5, atol=1e-5,
