@@ -54,6 +54,9 @@ pytestmark = [
     # The torchrl convention on uint8 frames: the symlog of raw pixel values, as torchrl's own
     # loss compares them, which our module points out once.
     pytest.mark.filterwarnings("ignore:pixels holds integer frames:UserWarning"),
+    # torchrl's stepper still checks a Dynamo option that torch 2.13 deprecates.
+    pytest.mark.filterwarnings("ignore:torch._dynamo.config.inline_inbuilt_nn_modules is "
+                               "deprecated:FutureWarning"),
 ]
 
 PRESET = "v3-tiny"
