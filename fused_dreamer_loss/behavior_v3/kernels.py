@@ -311,7 +311,9 @@ def _returns_adjoint(adjoint, value_ptr, cont_ptr, returns_ptr, g_reward_ptr, g_
         dv = adjoint * gamma * c * one_minus_lmbda
         store(g_value_ptr + row + t, tl.where(last, dv + adjoint * gamma * c * lmbda, dv), ok)
     if GRAD_CONT:
-        later = tl.load(returns_ptr + row + t + 1, mask=ok & (t + 1 < H), other=0.0).to(ACC)
+        # R_{t+1}; at the last step the index stays in the row (the value is replaced by v_t), so
+        # the load needs no mask beyond ok (triton 3.9's interpreter refuses ok & (t + 1 < H)).
+        later = tl.load(returns_ptr + row + tl.minimum(t + 1, H - 1), mask=ok, other=0.0).to(ACC)
         later = tl.where(last, v, later)
         store(g_cont_ptr + row + t, adjoint * gamma * (one_minus_lmbda * v + lmbda * later), ok)
     return adjoint * gamma * lmbda * c
