@@ -57,10 +57,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_MACHINERY = f"{__package__}.machinery"
+
+
 def _dispatch_state() -> bool | None:
     """What :func:`resolve_backend` reads besides its arguments: whether the kernels accept CPU
     tensors (None until the machinery is imported)."""
-    machinery = sys.modules.get(f"{__package__}.machinery")
+    machinery = sys.modules.get(_MACHINERY)
     return None if machinery is None else machinery.INTERPRET
 
 
@@ -69,8 +72,9 @@ def values_key(values: Sequence) -> tuple:
     their types (``True``, ``1`` and ``1.0`` are checked differently) and, for the numbers, the
     sign of a zero (``-0.0`` gives ``-0.0`` losses)."""
     values = tuple(values)
-    reals = [v for v in values if type(v) in (float, int)]
-    return values, tuple(map(type, values)), tuple(map(math.copysign, _ONES, reals))
+    # an int has no negative zero: the floats' signs are all ``==`` misses
+    floats = [v for v in values if type(v) is float]
+    return values, tuple(map(type, values)), tuple(map(math.copysign, _ONES, floats))
 
 
 def cacheable() -> bool:
@@ -85,14 +89,11 @@ def call_key(tensors: Iterable[torch.Tensor | None], options: tuple, backend: st
     strides, dtype, device and ``requires_grad``; the options (already keyed, e.g. by
     :func:`values_key`), the backend, the grad mode, the dispatch state and ``state``. None for
     inputs that cannot be keyed (their validation says why)."""
-    key = [backend, options, torch.is_grad_enabled(), _dispatch_state(), *state]
     try:
-        for t in tensors:
-            if t is None:
-                key.append(None)
-            else:
-                key += (type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-        key = tuple(key)
+        key = (backend, options, torch.is_grad_enabled(), _dispatch_state(), *state,
+               *[None if t is None else
+                 (type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                 for t in tensors])
         hash(key)
     except (AttributeError, TypeError, RuntimeError):
         return None

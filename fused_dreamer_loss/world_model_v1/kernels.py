@@ -433,18 +433,13 @@ class _Plan:
             launch = self._launches[key] = machinery.Launch(_MODULE, name, programs, meta)
         return launch
 
-    def _current(self, inputs) -> "_Plan":
-        """This plan, or a new one where the module constants changed since it was made."""
-        return self if self.tuning == tuning() else _Plan(inputs, self.floats, self.ints)
-
     def forward(self, inputs: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple:
         """``((loss_kl, loss_reco, loss_reward), keep, grads)``: one gradient per input, made for
         a ``grad_output`` of 1, None where ``needs`` asks for none."""
-        plan = self._current(inputs)
-        if plan is not self:
-            return plan.forward(inputs, needs)
+        if self.tuning != tuning():  # the module constants changed since the plan was made
+            return _Plan(inputs, self.floats, self.ints).forward(inputs, needs)
         device = self.device
-        out_kl, out_reco, out_reward = (torch.empty((), dtype=d, device=device)
+        out_kl, out_reco, out_reward = (torch.empty_strided((), (), dtype=d, device=device)
                                         for d in self.o.loss_dtypes)
         partials, keep = machinery.empty_partials_and_keep(self.programs, 3, self.acc, device)
         grads = [torch.empty_strided(shape, stride, dtype=dtype, device=device) if n else None
@@ -462,15 +457,15 @@ class _Plan:
                  grad_outputs: Sequence[Optional[torch.Tensor]],
                  grads: Sequence[Optional[torch.Tensor]], skip_if_one: Sequence[bool]) -> None:
         """``factor × gradient`` into each non-None ``grads[i]``."""
-        if all(t is None for t in grads):
+        flags = tuple([t is not None for t in grads])
+        if True not in flags:
             return
-        plan = self._current(inputs)
-        if plan is not self:
-            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
+        if self.tuning != tuning():
+            return _Plan(inputs, self.floats, self.ints).backward(inputs, keep, grad_outputs,
+                                                                  grads, skip_if_one)
         pm, ps, qm, qs, pixels, reco, true_reward, pred_reward = self._views(inputs)
         g = [keep if t is None else t for t in grads]
         go = [keep if t is None else t for t in grad_outputs]
-        flags = tuple(t is not None for t in grads)
         self._launch("_dreamer_loss_bwd_kernel", self.backward_programs, flags,
                      tuple(skip_if_one))(
             pm, ps, qm, qs, *self.latent_strides, g[0], g[1], g[2], g[3], pixels, reco, g[4],

@@ -628,10 +628,6 @@ class _Plan:
                              T_CONT=t["continue"], T_RECO=t["reco"])
         self._launches: dict[tuple, machinery.Launch] = {}
 
-    def _current(self, inputs) -> "_Plan":
-        """This plan, or a new one where the module constants changed since it was made."""
-        return self if self.tuning == tuning() else _Plan(inputs, self.floats, self.ints)
-
     def _views(self, inputs: Sequence[Optional[torch.Tensor]]):
         """The inputs as the kernels read them: themselves, or copies in the layout the kernels
         read (contiguous: the logits as ``[rows, S, K]``, two-hot logits as ``[rows, R]``)."""
@@ -658,11 +654,15 @@ class _Plan:
                 g[TERMINATED], tuple(heads[0::2]), tuple(heads[1::2]),
                 tuple(g[FIRST_HEAD::2]), tuple(g[FIRST_HEAD + 1::2]), *self.head_sizes]
 
-    def _launch(self, name: str, programs: int, grads, extra: dict) -> machinery.Launch:
-        flags = tuple(t is not None for t in grads)
-        key = (name, flags, tuple(extra.items()))
+    def _launch(self, name: str, programs: int, flags: tuple[bool, ...],
+                skip: Optional[tuple[bool, ...]]) -> machinery.Launch:
+        """The launch of kernel ``name`` writing the gradients ``flags`` marks (and, for the
+        backward, leaving the terms in ``skip`` alone when their factor is 1, see
+        :func:`machinery.term_factor`), made once."""
+        key = (name, flags, skip)
         launch = self._launches.get(key)
         if launch is None:
+            extra = {} if skip is None else dict(self.bwd_meta, SKIP=_bits(skip))
             meta = dict(self.meta, GRAD_Q=flags[POSTERIOR], GRAD_P=flags[PRIOR],
                         GRAD_TRUE=flags[TRUE_REWARD], GRAD_REWARD=flags[REWARD_PRED],
                         GRAD_CONT=flags[CONTINUE_PRED], GRAD_TERM=flags[TERMINATED],
@@ -674,16 +674,15 @@ class _Plan:
     def forward(self, inputs, needs) -> tuple:
         """``(losses, keep, grads)``: the losses in :func:`output_names` order, one gradient per
         input, made for a ``grad_output`` of 1, None where ``needs`` asks for none."""
-        plan = self._current(inputs)
-        if plan is not self:
-            return plan.forward(inputs, needs)
+        if self.tuning != tuning():
+            return _Plan(inputs, self.floats, self.ints).forward(inputs, needs)
         device = self.device
-        losses = [torch.empty((), dtype=d, device=device) for d in self.o.loss_dtypes]
+        losses = [torch.empty_strided((), (), dtype=d, device=device) for d in self.o.loss_dtypes]
         partials, keep = machinery.empty_partials_and_keep(self.programs, len(losses), self.acc,
                                                            device)
         grads = [torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=device) if n
                  else None for n, spec in zip(needs, self.grad_specs)]
-        self._launch("_v3_fwd_kernel", self.programs, grads, {})(
+        self._launch("_v3_fwd_kernel", self.programs, tuple(needs), None)(
             *self._args(self._views(inputs), grads), partials, *self.sizes, *self.scalars,
             *self.counts, *self.scales)
         self.finalize(partials, losses, keep)
@@ -691,15 +690,16 @@ class _Plan:
 
     def backward(self, inputs, keep, grad_outputs, grads, skip_if_one) -> None:
         """``factor × gradient`` into each non-None ``grads[i]``."""
-        if all(t is None for t in grads):
+        flags = tuple([t is not None for t in grads])
+        if True not in flags:
             return
-        plan = self._current(inputs)
-        if plan is not self:
-            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
-        launch = self._launch("_v3_bwd_kernel", self.backward_programs, grads,
-                              dict(self.bwd_meta, SKIP=_bits(skip_if_one)))
+        if self.tuning != tuning():
+            return _Plan(inputs, self.floats, self.ints).backward(inputs, keep, grad_outputs,
+                                                                  grads, skip_if_one)
+        launch = self._launch("_v3_bwd_kernel", self.backward_programs, flags,
+                              tuple(skip_if_one))
         launch(*self._args(self._views(inputs), grads), keep,
-               tuple(keep if g is None else g for g in grad_outputs), *self.sizes,
+               tuple([keep if g is None else g for g in grad_outputs]), *self.sizes,
                *self.scalars, *self.scales)
 
 
