@@ -42,6 +42,7 @@ The math (M the number of steps averaged over; ``w`` the weights, ``s`` the scal
 
 # No `from __future__ import annotations`: Triton reads the "fp64" annotations as written.
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -642,6 +643,9 @@ def _terms_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+_MODULE = sys.modules[__name__]
+
+
 def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A tensor readable at flat contiguous offsets (itself when it is contiguous)."""
     return None if t is None else t.contiguous()
@@ -705,9 +709,10 @@ def _launch_returns(reward: Optional[torch.Tensor], next_value: Optional[torch.T
         flat = [returns, returns, None, None]
     scale = outs[2] if mode != SCALE_NONE else returns
     buf = low.dtype if mode >= SCALE_READ else scale.dtype
-    grid = (triton.cdiv(n_starts, SCAN_BLOCK),) if mode == SCALE_NONE else (1,)
+    programs = triton.cdiv(n_starts, SCAN_BLOCK) if mode == SCALE_NONE else 1
     with machinery.on_device(returns):
-        _returns_kernel[grid](
+        machinery.launch(
+            _MODULE, "_returns_kernel", programs,
             *(returns if t is None else t for t in flat), returns, weights, low, high, low_out,
             high_out, scale, n_starts, H, returns.numel(), *floats,
             SCAN=bool(scan), SCALE=mode, HAS_CONT=flat[2] is not None,
@@ -811,8 +816,8 @@ def _returns_backward(inputs, floats, ints, keep, grad_outputs, grads, skip_if_o
     n_starts = reward.numel() // H
     scratch = torch.empty(reward.shape, dtype=keep.dtype, device=reward.device)
     g = [g if g is not None else scratch for g in grads[:CONT_IN + 1]]
-    _returns_bwd_kernel[(triton.cdiv(n_starts, SCAN_BLOCK),)](
-        _flat(upstream), reward, value, reward if cont is None else cont, scratch, *g, n_starts,
+    machinery.launch(
+        _MODULE, "_returns_bwd_kernel", triton.cdiv(n_starts, SCAN_BLOCK), _flat(upstream), reward, value, reward if cont is None else cont, scratch, *g, n_starts,
         H, *floats[:3], HAS_CONT=cont is not None, GRAD_REWARD=grads[REWARD_IN] is not None,
         GRAD_VALUE=grads[VALUE_IN] is not None, GRAD_CONT=grads[CONT_IN] is not None,
         BLOCK=SCAN_BLOCK, ACC=acc_dtype(keep)[1], num_warps=NUM_WARPS,
@@ -1044,8 +1049,8 @@ def _terms_forward(inputs, floats, ints, needs):
     losses, keep, made = outs[:n_out], outs[n_out], outs[n_out + 1:]
     call = _Call(inputs, o, machinery.by_input(made, needs))
     partials = torch.empty(2 * call.programs, dtype=keep.dtype, device=keep.device)
-    _terms_fwd_kernel[(call.programs,)](
-        *call.args, partials, *call.sizes, call.programs, *call.scalars,
+    machinery.launch(
+        _MODULE, "_terms_fwd_kernel", call.programs, *call.args, partials, *call.sizes, call.programs, *call.scalars,
         ACC=acc_dtype(keep)[1], **call.meta,
     )
     names = _outputs(ints)
@@ -1066,7 +1071,8 @@ def _terms_backward(inputs, floats, ints, keep, grad_outputs, grads, skip_if_one
     o = _Options.decode(floats, ints)
     call = _Call(inputs, o, grads)
     t_actor, t_value, t_replay = _term_indices(ints)
-    _terms_bwd_kernel[(min(call.programs, backward_programs(keep.device)),)](
+    machinery.launch(
+        _MODULE, "_terms_bwd_kernel", min(call.programs, backward_programs(keep.device)),
         *call.args, keep, tuple(keep if g is None else g for g in grad_outputs), *call.sizes,
         call.replay_programs, *call.scalars,
         T_ACTOR=t_actor, T_VALUE=t_value, T_REPLAY=t_replay,

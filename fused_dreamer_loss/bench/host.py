@@ -128,12 +128,18 @@ class _NoLaunch:
             exit_hook(launch_metadata)
 
 
+#: The "module" :meth:`_NoLaunchUtils.load_binary` loads.
+_NO_MODULE = object()
+
+
 class _NoLaunchUtils:
     """The driver utilities Triton calls on a compiled kernel's first launch."""
 
     @staticmethod
     def load_binary(name, kernel, shared, device):
-        return None, None, 0, 0, NO_LAUNCH_MAX_THREADS
+        # A module that is not None: Triton loads a kernel's binary again, and makes its launcher
+        # again, at every launch of a kernel whose module is None (CompiledKernel._init_handles).
+        return _NO_MODULE, None, 0, 0, NO_LAUNCH_MAX_THREADS
 
     @staticmethod
     def get_device_properties(device):

@@ -73,7 +73,7 @@ def values_key(values: Sequence) -> tuple:
     sign of a zero (``-0.0`` gives ``-0.0`` losses)."""
     values = tuple(values)
     # an int has no negative zero: the floats' signs are all ``==`` misses
-    floats = [v for v in values if type(v) is float]
+    floats = [v for v in values if isinstance(v, float)]  # numpy.float64 too
     return values, tuple(map(type, values)), tuple(map(math.copysign, _ONES, floats))
 
 

@@ -33,6 +33,7 @@ at run time and can. The forward op holds the gradients it makes outside the gra
 # No `from __future__ import annotations`: Triton reads the "fp64" annotations as written.
 import contextlib
 import functools
+import math
 import os
 import sys
 import weakref
@@ -291,8 +292,17 @@ class Finalize:
 def launch_finalize(partials: torch.Tensor, outs: Sequence[torch.Tensor], keep: torch.Tensor,
                     ranges: Sequence[tuple[int, int]], multipliers: Sequence[float],
                     clamp: int = NO_CLAMP, clamp_value: float = 0.0) -> None:
-    """``outs[t] = multipliers[t] × Σ partials[ranges[t]]`` (see :func:`finalize_kernel`)."""
-    Finalize(ranges, multipliers, acc_dtype(keep)[1], clamp, clamp_value)(partials, outs, keep)
+    """``outs[t] = multipliers[t] × Σ partials[ranges[t]]`` (see :func:`finalize_kernel`), through
+    a :class:`Finalize` kept per ranges, multipliers, clamp and accumulation dtype."""
+    acc = acc_dtype(keep)[1]
+    # the values exactly: a kept finalize launches with its own multipliers (-0.0 == 0.0)
+    exact = [(type(v), v, math.copysign(1.0, v)) for v in (*multipliers, clamp_value)]
+    key = (tuple(map(tuple, ranges)), *exact, acc, clamp)
+    finalize = _FINALIZES.get(key)
+    if finalize is None:
+        finalize = _keep(_FINALIZES, key, Finalize(ranges, multipliers, acc, clamp,
+                                                   clamp_value))
+    finalize(partials, outs, keep)
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -413,6 +423,45 @@ class Launch:
             return None
         tail = tuple(self.constexprs[params[i]] for i in order[len(args):])
         return kernel, compiled, triton_driver.active.get_current_device(), tensors, tuples, tail
+
+
+#: Launches :func:`launch` keeps, by kernel, grid, scalar arguments and constexprs; and the
+#: finalizes :func:`launch_finalize` keeps. Past :data:`MAX_KEPT` entries a table starts over.
+_LAUNCHES: dict = {}
+_FINALIZES: dict = {}
+MAX_KEPT = 512
+
+
+def _keep(table: dict, key, value):
+    if len(table) >= MAX_KEPT:
+        table.clear()
+    table[key] = value
+    return value
+
+
+def launch(owner: Any, name: str, programs: int, *args, **constexprs) -> None:
+    """``getattr(owner, name)[(programs,)](*args, **constexprs)`` through a :class:`Launch` kept
+    per kernel, grid, constexprs, scalar arguments (with their types) and tensor dtypes: after
+    the first call the compiled kernel is launched directly. Those are what Triton compiles a
+    kernel apart for (an integer on its value being 1 or a multiple of 16, a scalar on its type,
+    a pointer on its element type) but for the pointers' alignment, which :class:`Launch` checks
+    at every call. For the launchers without a plan."""
+    key = [owner.__name__, name, programs, *constexprs.items()]
+    for a in args:
+        kind = type(a)
+        if kind is float or kind is int:
+            key.append((kind, a))  # 1 == 1.0 == True, compiled as an i32, an fp32, an i1
+        elif isinstance(a, torch.Tensor):
+            key.append(a.dtype)
+        elif kind is tuple:
+            key += [t.dtype if isinstance(t, torch.Tensor) else (type(t), t) for t in a]
+        else:
+            key.append((kind, a))
+    key = tuple(key)
+    kept = _LAUNCHES.get(key)
+    if kept is None:
+        kept = _keep(_LAUNCHES, key, Launch(owner, name, programs, constexprs))
+    kept(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,7 +646,7 @@ class FusedCall:
     """
 
     __slots__ = ("kernels", "options", "shapes", "floats", "ints", "terms", "needs", "saved",
-                 "held", "names", "plan")
+                 "live", "held", "names", "plan")
 
     def __init__(self, kernels: LossKernels, options, shapes,
                  inputs: Sequence[Optional[torch.Tensor]], grad_enabled: bool):
@@ -613,6 +662,9 @@ class FusedCall:
         self.saved = tuple(i for i, n in enumerate(self.needs) if n)
         self.held = tuple(i for i, (t, n) in enumerate(zip(inputs, self.needs))
                           if t is not None and not n)
+        #: The outputs (terms) some input's gradient flows from; the others are marked
+        #: non-differentiable, as torch's outputs that depend on no input requiring grad.
+        self.live = _live_terms(self.needs, self.terms)
         names = kernels.input_names(self.ints, len(inputs)) if kernels.input_names else None
         self.names = tuple(names or (f"input {i}" for i in range(len(inputs))))
         self.plan = None
@@ -620,6 +672,16 @@ class FusedCall:
             plan = kernels.plan
             self.plan = (plan(inputs, self.floats, self.ints) if plan is not None
                          else _Unplanned(kernels, self.floats, self.ints))
+
+
+def _live_terms(needs: Sequence[bool], terms: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted({term for n, term in zip(needs, terms) if n}))
+
+
+def _mark_dead(ctx, losses: Sequence[torch.Tensor], live: Sequence[int]) -> None:
+    """Outputs that depend on no input getting a gradient do not require grad (torch's)."""
+    if len(live) < len(losses):
+        ctx.mark_non_differentiable(*(t for i, t in enumerate(losses) if i not in live))
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
@@ -631,10 +693,12 @@ def _version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _differentiable_gradients(call: FusedCall, needs, inputs, grad_outputs):
+def _differentiable_gradients(call: FusedCall, needs, inputs, grad_outputs,
+                              create_graph: bool):
     """``create_graph=True`` (or batched ``grad_outputs``): the gradients as a torch computation on
-    the saved inputs (which carry their autograd history), differentiable again, with respect to
-    the inputs in ``needs`` and to ``grad_outputs``."""
+    the saved inputs (which carry their autograd history), with respect to the inputs in
+    ``needs``; differentiable again (with respect to them and to ``grad_outputs``) with
+    ``create_graph``, as torch's are."""
     wanted = [t for t, n in zip(inputs, needs) if n]
     with torch.enable_grad():
         losses = call.kernels.reference(inputs, call.options, call.shapes)
@@ -643,7 +707,7 @@ def _differentiable_gradients(call: FusedCall, needs, inputs, grad_outputs):
         if not pairs:
             return [None] * len(inputs)
         grads = torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs],
-                                    create_graph=True, allow_unused=True)
+                                    create_graph=create_graph, allow_unused=True)
     return by_input(grads, needs)
 
 
@@ -678,6 +742,7 @@ class FusedLossFunction(torch.autograd.Function):
             grads = [None] * len(needs)
             if any(needs):
                 ctx.save_for_backward(*inputs, keep)
+            live = _live_terms(needs, call.terms)
         else:
             needs = call.needs
             with on_device(inputs[0]):
@@ -685,11 +750,13 @@ class FusedLossFunction(torch.autograd.Function):
             if call.saved:
                 ctx.save_for_backward(*[inputs[i] for i in call.saved], keep)
                 ctx.held = [(i, inputs[i], _version(inputs[i])) for i in call.held]
+            live = call.live
+        _mark_dead(ctx, losses, live)
         if any(needs):
             # The gradient buffers are not saved tensors: a user may modify one in place once it
             # is handed out (torch allows that), which a saved tensor's version check would refuse.
             ctx.forward_grads = grads
-            ctx.call, ctx.needs, ctx.n_inputs = call, needs, len(inputs)
+            ctx.call, ctx.needs, ctx.n_inputs, ctx.live = call, needs, len(inputs), live
             ctx.handed_out = [False] * len(losses)
             ctx.handed_out_any = False
         return tuple(losses)
@@ -707,8 +774,10 @@ class FusedLossFunction(torch.autograd.Function):
             not kernels_can_take(grad_outputs) if compiling else _storageless(grad_outputs))
         if differentiable:
             _refuse_rewritten(call, rewritten, "to differentiate the loss again")
-            grads = _differentiable_gradients(call, ctx.needs, inputs, grad_outputs)
-        elif not (compiling or rewritten or ctx.handed_out_any or _any_none(grad_outputs)):
+            grads = _differentiable_gradients(call, ctx.needs, inputs, grad_outputs,
+                                              torch.is_grad_enabled())
+        elif not (compiling or rewritten or ctx.handed_out_any
+                  or _any_none([grad_outputs[t] for t in ctx.live])):
             grads = _first_gradients(ctx, call, inputs, keep, grad_outputs)
         else:
             active = [g is not None for g in grad_outputs]
@@ -832,10 +901,11 @@ def run(call: FusedCall, inputs: Sequence[Optional[torch.Tensor]]):
     with a tangent) the loss's reference computes them, with their tangents: an
     ``autograd.Function`` without ``jvp`` cannot carry one. In eager mode a call whose inputs get
     no gradient (none requires grad, or grad mode is off) runs its plan without autograd."""
-    if _has_tangent(inputs):
+    if _has_tangent(inputs) or torch._C._are_functorch_transforms_active():
+        # A transform's own tensors take the reference before this (they have no storage);
+        # plain tensors a transformed function captures take it here.
         return tuple(call.kernels.reference(list(inputs), call.options, call.shapes))
-    if (call.plan is None or torch._C._are_functorch_transforms_active()
-            or torch.compiler.is_compiling()):
+    if call.plan is None or torch.compiler.is_compiling():
         return FusedLossFunction.apply(call, torch.is_grad_enabled(), *inputs)
     inputs = [t if t is None else _unwrap_if_dead(t) for t in inputs]
     if not call.saved:

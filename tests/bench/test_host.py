@@ -98,5 +98,6 @@ def test_direct_launches_hand_the_launcher_what_tritons_dispatch_does():
     launches = [json.loads(line) for line in done.stdout.splitlines()]
     kernels = {line["kernel"] for line in launches}
     assert kernels == {"_dreamer_loss_fwd_kernel", "_dreamer_loss_bwd_kernel", "_v3_fwd_kernel",
-                       "_v3_bwd_kernel", "finalize_kernel"}
+                       "_v3_bwd_kernel", "finalize_kernel", "_returns_kernel",
+                       "_terms_fwd_kernel", "_terms_bwd_kernel"}
     assert all(line["same"] for line in launches), launches

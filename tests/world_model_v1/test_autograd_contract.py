@@ -397,6 +397,46 @@ def test_torch_func_transforms(device, backend):
     assert_same(jac, ref, "jacobian(vectorize=True)")
 
 
+def test_torch_func_over_captured_inputs(device):
+    """A transformed function whose loss inputs are plain tensors it captured (the transform
+    wraps only its argument, the scale): torch's numbers, not autograd.Function's refusal of a
+    Function without ``setup_context`` under a transform."""
+    base = make_inputs((2, 3), 4, (2, 3, 3), torch.float64, device, seed=9)
+    got, want = (torch.func.grad(lambda s, b=b: s * sum(losses_of(base, b)))(
+        torch.tensor(2.0, dtype=torch.float64, device=device)) for b in BACKENDS)
+    assert_same(got.detach(), want.detach(), "torch.func.grad over captured inputs")
+
+
+def test_outputs_require_grad_as_torchs(device):
+    """A loss whose inputs get no gradient does not require grad (torch's), and its backward
+    alone raises as torch's does; the others train."""
+    inputs = make_inputs((2, 3), 4, (2, 3, 3), torch.float64, device, seed=10,
+                         requires_grad=False)
+    inputs[5].requires_grad_()  # reco_pixels only
+    for backend in BACKENDS:
+        losses = losses_of(inputs, backend)
+        assert [loss.requires_grad for loss in losses] == [False, True, False], backend
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            losses[0].backward()
+    got = torch.autograd.grad(sum(losses_of(inputs, "triton")), inputs[5])
+    want = torch.autograd.grad(sum(losses_of(inputs, "torch")), inputs[5])
+    assert_same(got[0], want[0], "gradient beside non-differentiable losses")
+
+
+def test_batched_grad_outputs_give_gradients_without_a_graph(device):
+    """``is_grads_batched=True`` (vmap over the grad outputs): torch's gradients, which carry no
+    graph."""
+    inputs = make_inputs((2, 3), 4, (2, 3, 3), torch.float64, device, seed=11)
+    eye = torch.eye(3, dtype=torch.float64, device=device)
+    results = []
+    for backend in BACKENDS:
+        losses = torch.stack(losses_of(inputs, backend))
+        (jac,) = torch.autograd.grad(losses, inputs[5], eye, is_grads_batched=True)
+        assert jac.grad_fn is None and not jac.requires_grad, backend
+        results.append(jac)
+    assert_same(results[0], results[1], "batched grad outputs")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_meta_tensors(backend):
     inputs = [t.to("meta").requires_grad_() for t in make_inputs(requires_grad=False)]

@@ -83,6 +83,15 @@ def test_negative_zero_lambda(device):
         assert bool(torch.signbit(loss)) == (str(zero) == "-0.0"), zero
 
 
+def test_negative_zero_of_a_float_subclass(device):
+    """numpy's float64 is a float: its -0.0 gets a call of its own too."""
+    np = pytest.importorskip("numpy")
+    inputs = make_inputs(device=device, seed=7)
+    for zero in (0.0, -0.0, 0.0):
+        loss = dreamer_model_loss(*inputs, backend="torch", lambda_reco=np.float64(zero))[1]
+        assert bool(torch.signbit(loss)) == (str(zero) == "-0.0"), zero
+
+
 def test_tile_sizes_changed_between_calls(device, small_blocks):
     """The tests shrink the tiles (a plan made before must not be reused with the old ones)."""
     from fused_dreamer_loss.world_model_v1 import kernels as k
