@@ -21,6 +21,10 @@ row                                 what one step runs
 ``v3 …``                            the same for the DreamerV3 loss, v3 preset (16 × 64 uint8
                                     frames of 3×64×64, 32 × 32 latents, 255 reward bins), with the
                                     ``dreamerv3-2024`` convention, against ``DreamerV3ModelLoss``
+``behavior …``                      :func:`dreamer_v3_behavior_loss` ``(backend="triton")`` at the
+                                    ``behavior`` preset (1024 starts × 15 steps, 255 bins, its
+                                    default convention), against torchrl's code for the same math
+                                    and the reference at ``behavior-tiny``; no module row
 ==================================  =============================================================
 
 A step is the loss's forward, ``backward()`` of the sum of its losses and ``.grad`` reset to None,
@@ -74,6 +78,9 @@ from .workloads import Run
 
 #: The fused rows' presets (:data:`.presets.PRESETS`, :data:`.presets.V3_PRESETS`).
 V1_PRESET, V3_PRESET = "small", "v3"
+#: The behaviour rows' presets (:data:`.presets.BEHAVIOR_PRESETS`): the fused row's, DreamerV3's
+#: 1024 starts × 15 steps, and the unfused chains', where their compute is about zero.
+BEHAVIOR_PRESET, BEHAVIOR_TINY = "behavior", "behavior-tiny"
 #: The unfused chains' shapes: the presets' latents and bins, 2 × 2 rows of 3 × 2 × 2 frames.
 TINY_ROWS, TINY_FRAME = 2, 2
 #: The GPU the stub driver compiles for when there is none.
@@ -358,6 +365,28 @@ def _fused_functional(loss: str) -> Callable[[str], Callable]:
     return lambda device: peers.loss_fn_v3("fused", _v3_options(), device)
 
 
+def _behavior(impl: str, tiny: bool) -> Callable:
+    """A row of the DreamerV3 behaviour objective (:func:`dreamer_v3_behavior_loss`, its
+    default convention): ``impl`` ``"fused"`` (``backend="triton"``), ``"eager"`` (the
+    reference) or ``"torchrl"`` (torchrl's code for the same math), at :data:`BEHAVIOR_PRESET`
+    or, ``tiny``, its tiny preset."""
+    def build(device):
+        from ..behavior_v3 import BEHAVIOR_CONVENTIONS
+        from . import behavior
+
+        options = dict(BEHAVIOR_CONVENTIONS[presets.DEFAULT_BEHAVIOR_CONVENTION])
+        inputs = behavior.make_inputs(BEHAVIOR_TINY if tiny else BEHAVIOR_PRESET, torch.float32,
+                                      device, 0, options)
+        if impl == "torchrl":
+            math = behavior.torchrl_math(options)
+            forward = lambda: tuple(math(*inputs).values())  # noqa: E731
+        else:
+            backend = "triton" if impl == "fused" else "torch"
+            forward = lambda: tuple(behavior._call(inputs, options, backend).values())  # noqa
+        return forward, [t for t in inputs if t.requires_grad]
+    return build
+
+
 def implementations() -> list[Impl]:
     """The rows, V1 then V3: the fused functional call and module at the preset, then torchrl's
     module, torchrl's math and the eager reference at tiny shapes."""
@@ -390,6 +419,9 @@ def implementations() -> list[Impl]:
              _functional("v3", True, lambda device: peers.loss_fn_v3("torchrl", v3, device))),
         Impl("v3", "eager reference", tiny, False,
              _functional("v3", True, lambda device: peers.loss_fn_v3("eager", v3, device))),
+        Impl("behavior", "fused functional", BEHAVIOR_PRESET, True, _behavior("fused", False)),
+        Impl("behavior", "torchrl math", tiny, False, _behavior("torchrl", True)),
+        Impl("behavior", "eager reference", tiny, False, _behavior("eager", True)),
     ]
 
 
@@ -630,7 +662,7 @@ def breakdown(steps: int = 200, device: str | None = None) -> list[dict]:
     rows = []
     with _launch_context(cuda):
         for impl in implementations():
-            if not impl.fused:
+            if not impl.fused or impl.loss not in BREAKDOWN_LOSSES:
                 continue
             step = make_step(*impl.build(device))
             for _ in range(WARMUP_STEPS):
@@ -652,6 +684,8 @@ def breakdown(steps: int = 200, device: str | None = None) -> list[dict]:
 # Report
 # ---------------------------------------------------------------------------------------------
 
+#: The losses :func:`breakdown` splits (its categories are the world-model path's).
+BREAKDOWN_LOSSES = ("v1", "v3")
 CATEGORIES = ("validation", "plan", "allocation", "Triton dispatch", "Function (Python)",
               "autograd", "rest")
 
