@@ -1,7 +1,9 @@
 """What every fused loss family shares; a family imports this package, never another family.
 
 - :mod:`.machinery`: the fused-loss machinery (imports triton): the fixed-order finalize kernel,
-  ``FusedLossFunction`` (the autograd contract), the ``torch.library`` custom ops, tile helpers.
+  ``FusedLossFunction`` (the autograd contract), the ``torch.library`` custom ops, tile helpers,
+  and the launches (``Launch``: a plan's, direct after the first; ``launch``: kept per kernel,
+  grid, constexprs, scalars and dtypes, for launchers without a plan).
 - :mod:`.dispatch`: which backend runs a call, and the import of a family's kernels.
 - :mod:`.validation`: argument checks every family uses (dtypes, backends, options).
 - :mod:`.torchrl_module`: the torchrl ``LossModule`` base, tensordict key handling, torchrl's dtypes.

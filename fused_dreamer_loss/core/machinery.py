@@ -425,7 +425,7 @@ class Launch:
         return kernel, compiled, triton_driver.active.get_current_device(), tensors, tuples, tail
 
 
-#: Launches :func:`launch` keeps, by kernel, grid, scalar arguments and constexprs; and the
+#: Launches :func:`launch` keeps, by kernel, grid, constexprs, scalars and dtypes; and the
 #: finalizes :func:`launch_finalize` keeps. Past :data:`MAX_KEPT` entries a table starts over.
 _LAUNCHES: dict = {}
 _FINALIZES: dict = {}
@@ -835,9 +835,9 @@ def _any_none(values) -> bool:
 
 
 def _first_gradients(ctx, call: FusedCall, inputs, keep, grad_outputs):
-    """The common backward, the first, every term asked for, no target rewritten: the forward's
-    buffers, each term's left as it is when its factor is 1 and fixed in place otherwise (what
-    :func:`_eager_gradients` does in that case, without its bookkeeping)."""
+    """The common backward: the first, a grad output for every live term, no target rewritten.
+    The forward's buffers, each term's left as it is when its factor is 1 and fixed in place
+    otherwise (what :func:`_eager_gradients` does in that case, without its bookkeeping)."""
     grads, ctx.forward_grads = ctx.forward_grads, None
     ctx.handed_out = [True] * len(grad_outputs)
     ctx.handed_out_any = True
