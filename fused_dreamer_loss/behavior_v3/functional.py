@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.dispatch import require_triton, resolve_backend
+from ..core.dispatch import (NO_KEY, bins_key, cacheable, call_key, remember, require_triton,
+                             resolve_backend, values_key)
 from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import (
@@ -465,25 +466,61 @@ def dreamer_v3_behavior_loss(
         >>> logits.grad.shape
         torch.Size([8, 15, 255])
     """
+    quantiles = tuple(quantiles) if isinstance(quantiles, list) else quantiles
+    options = (gamma, lmbda, discount_loss, discount_weights, quantiles, rate, min_scale, update,
+               entropy_bonus, use_reinforce, normalize_advantage, weight_entropy, value_loss,
+               slow_critic_regularization, two_hot_space, return_normalization,
+               replay_value_weight, horizon, replay_lmbda)
+    replay = (replay_value_pred, replay_reward, replay_done, replay_terminated, replay_slow_value)
+    tensors = (reward, next_value, continuation, root_continuation, value_pred, low, high,
+               baseline, log_prob, entropy, slow_value, *replay)
+    bins = bins_key(value_bins) if cacheable() else NO_KEY
+    key = None if bins is NO_KEY else call_key(
+        tensors, (values_key(options), values_key(quantiles) if isinstance(quantiles, tuple)
+                  else None, bins, process_group), backend)
+    prepared = _CALLS.get(key) if key is not None else None
+    if prepared is None:
+        prepared = _prepare_behavior(tensors, options, value_bins, backend)
+        remember(_CALLS, key, prepared)
+    opts, shapes, terms = prepared
+    if terms is not None:
+        return _fused_behavior(reward, next_value, continuation, root_continuation, value_pred,
+                               low, high, baseline, log_prob, entropy, slow_value, replay, opts,
+                               shapes, process_group, terms)
+    return reference.behavior_loss(reward, next_value, continuation, root_continuation,
+                                   value_pred, low, high, baseline, log_prob, entropy, slow_value,
+                                   replay, opts, shapes, process_group)
+
+
+#: :func:`dreamer_v3_behavior_loss`'s prepared calls by signature (see
+#: :func:`fused_dreamer_loss.core.dispatch.call_key`).
+_CALLS: dict = {}
+
+
+def _prepare_behavior(tensors: tuple, options: tuple, value_bins, backend: str) -> tuple:
+    """Validate a :func:`dreamer_v3_behavior_loss` call: ``(opts, shapes, terms)``, ``terms`` the
+    fused terms' :class:`~.kernels.TermsCall` where the fused kernels run it, else None. Raises
+    on bad input."""
+    (gamma, lmbda, discount_loss, discount_weights, quantiles, rate, min_scale, update,
+     entropy_bonus, use_reinforce, normalize_advantage, weight_entropy, value_loss,
+     slow_critic_regularization, two_hot_space, return_normalization, replay_value_weight,
+     horizon, replay_lmbda) = options
     opts = BehaviorOptions(
         ReturnOptions(gamma, lmbda, discount_loss, discount_weights),
-        ScaleOptions(tuple(quantiles) if isinstance(quantiles, list) else quantiles, rate,
-                     min_scale, update),
+        ScaleOptions(quantiles, rate, min_scale, update),
         ActorOptions(entropy_bonus, use_reinforce, normalize_advantage, weight_entropy),
         CriticOptions(value_loss, slow_critic_regularization, "mean", two_hot_space, value_bins),
         ReplayOptions(horizon, replay_lmbda),
         return_normalization, replay_value_weight)
-    replay = (replay_value_pred, replay_reward, replay_done, replay_terminated, replay_slow_value)
+    (reward, next_value, continuation, root_continuation, value_pred, low, high, baseline,
+     log_prob, entropy, slow_value, *replay) = tensors
     shapes = validate_behavior(reward, next_value, continuation, root_continuation, value_pred,
                                low, high, baseline, log_prob, entropy, slow_value, replay, opts)
+    terms = None
     if _fused(backend, (reward, next_value, continuation, root_continuation, value_pred,
                         baseline, log_prob, entropy, slow_value, *replay)):
-        return _fused_behavior(reward, next_value, continuation, root_continuation, value_pred,
-                               low, high, baseline, log_prob, entropy, slow_value, replay, opts,
-                               shapes, process_group)
-    return reference.behavior_loss(reward, next_value, continuation, root_continuation,
-                                   value_pred, low, high, baseline, log_prob, entropy, slow_value,
-                                   replay, opts, shapes, process_group)
+        terms = _terms_call(_kernels(), opts, shapes)
+    return opts, shapes, terms
 
 
 def _actor_tensors(opts: ActorOptions, returns, weights, scale, baseline, log_prob,
@@ -504,11 +541,25 @@ def _replay_tensors(opts: CriticOptions, value_pred, reward, done, terminated, b
                 replay_slow=_detach(slow_value) if opts.has_slow else None)
 
 
+def _terms_call(k, opts: BehaviorOptions, shapes):
+    """The fused terms of :func:`dreamer_v3_behavior_loss` for ``opts`` and ``shapes``."""
+    return k.TermsCall(
+        k.TermsOptions(actor=opts.actor, critic=opts.critic, imagined=True,
+                       replay=opts.replay if opts.has_replay else None, returns=opts.returns,
+                       replay_weight=opts.replay_value_weight),
+        k.TermsShapes(actor_dtype=shapes.actor.dtype, critic_dtype=shapes.critic.dtype,
+                      replay_dtype=shapes.replay.dtype if opts.has_replay else None,
+                      slow_logits=shapes.critic.slow_logits,
+                      replay_slow_logits=opts.has_replay and shapes.replay.slow_logits,
+                      replay_steps=shapes.replay.steps if opts.has_replay else None))
+
+
 def _fused_behavior(reward, next_value, continuation, root_continuation, value_pred, low, high,
                     baseline, log_prob, entropy, slow_value, replay, opts: BehaviorOptions,
-                    shapes, process_group) -> dict[str, torch.Tensor]:
+                    shapes, process_group, terms) -> dict[str, torch.Tensor]:
     """:func:`dreamer_v3_behavior_loss` on the fused kernels: the returns kernel (returns,
-    weights, quantiles, EMA, scale), then the terms kernels."""
+    weights, quantiles, EMA, scale), then the terms kernels (``terms``, a
+    :class:`~.kernels.TermsCall`)."""
     k = _kernels()
     rollout = [t.detach() if t is not None else None
                for t in (reward, next_value, continuation, root_continuation)]
@@ -523,21 +574,10 @@ def _fused_behavior(reward, next_value, continuation, root_continuation, value_p
         tensors.update(reward=reward, next_value=next_value, continuation=continuation)
     tensors.update(value_pred=value_pred,
                    slow_value=_detach(slow_value) if opts.critic.has_slow else None)
-    replay_steps = None
     if opts.has_replay:
-        replay_steps = shapes.replay.steps
         pred, r, d, term, slow = replay
         tensors.update(_replay_tensors(opts.critic, pred, r, d, term,
-                                       returns[..., 0, 0].reshape(replay_steps), slow))
-    losses = k.fused_terms(
-        k.TermsOptions(actor=opts.actor, critic=opts.critic, imagined=True,
-                       replay=opts.replay if opts.has_replay else None, returns=opts.returns,
-                       replay_weight=opts.replay_value_weight),
-        k.TermsShapes(actor_dtype=shapes.actor.dtype, critic_dtype=shapes.critic.dtype,
-                      replay_dtype=shapes.replay.dtype if opts.has_replay else None,
-                      slow_logits=shapes.critic.slow_logits,
-                      replay_slow_logits=opts.has_replay and shapes.replay.slow_logits,
-                      replay_steps=replay_steps),
-        **tensors)
+                                       returns[..., 0, 0].reshape(shapes.replay.steps), slow))
+    losses = k.run_terms(terms, **tensors)
     losses.update(lambda_target=returns, discount_weight=weights, return_scale=scale)
     return losses

@@ -58,7 +58,7 @@ from .validation import (DISCOUNT_WEIGHTS, ActorOptions, CriticOptions, ReplayOp
                          ReturnOptions, ScaleOptions)
 
 __all__ = ["RETURNS_KERNELS", "TERMS_KERNELS", "fused_lambda_returns", "fused_return_scale",
-           "fused_terms", "launch_returns"]
+           "fused_terms", "launch_returns", "run_terms", "TermsCall"]
 
 #: Starts per scan tile.
 SCAN_BLOCK = 1024
@@ -1130,10 +1130,30 @@ def value_support(critic: CriticOptions, width: int, device: torch.device) -> to
     return _default_bins(width, device)
 
 
+class TermsCall:
+    """The terms loss for one ``(opts, shapes)``: the output names, and the prepared
+    :class:`~fused_dreamer_loss.core.machinery.FusedCall` of the first inputs it runs on, reused
+    by later calls, which must have the same signature and grad mode (the behaviour loss keeps
+    one per prepared call, whose signature fixes the terms' inputs')."""
+
+    __slots__ = ("opts", "shapes", "names", "call")
+
+    def __init__(self, opts: TermsOptions, shapes: TermsShapes):
+        self.opts, self.shapes = opts, shapes
+        self.names = _outputs(_terms_encode(opts, shapes)[1])
+        self.call: Optional[machinery.FusedCall] = None
+
+
 def fused_terms(opts: TermsOptions, shapes: TermsShapes,
                 **tensors: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The terms kernels on validated inputs, given by name (``returns=``, ``value_pred=``, ...):
     the losses by name."""
+    return run_terms(TermsCall(opts, shapes), **tensors)
+
+
+def run_terms(prepared: TermsCall, **tensors: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`fused_terms` for a :class:`TermsCall`."""
+    opts = prepared.opts
     inputs = [tensors.get(name) for name in TERMS_INPUTS]
     if inputs[RETURNS] is None:  # the machinery reads the device from the first input
         inputs[RETURNS] = inputs[BOOTSTRAP]
@@ -1141,9 +1161,10 @@ def fused_terms(opts: TermsOptions, shapes: TermsShapes,
     if critic is not None and critic.two_hot:
         pred = inputs[VALUE_PRED] if opts.imagined else inputs[REPLAY_PRED]
         inputs[BINS] = value_support(critic, pred.shape[-1], pred.device)
-    losses = machinery.apply(TERMS_KERNELS, opts, shapes, inputs)
-    floats, ints = _terms_encode(opts, shapes)
-    out = dict(zip(_outputs(ints), losses))
+    if prepared.call is None or torch.compiler.is_compiling():
+        prepared.call = machinery.FusedCall(TERMS_KERNELS, opts, prepared.shapes, inputs,
+                                            torch.is_grad_enabled())
+    out = dict(zip(prepared.names, machinery.run(prepared.call, inputs)))
     for name in ("actor_entropy", "value_slow_loss"):
         if name in out:
             out[name] = out[name].detach()

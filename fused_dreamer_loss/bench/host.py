@@ -621,7 +621,7 @@ def _phase_targets() -> list[tuple[object, str, str]]:
         (functional_v3, "call_key", "validation"),
         (functional_v3, "values_key", "validation"),
         (functional_v1, "_prepare", "validation"),
-        (functional_v3, "_bins_key", "validation"),
+        (functional_v3, "bins_key", "validation"),
         (functional_v3, "_prepare", "validation"),
         *((kernels._Plan, name, "plan") for kernels in (kernels_v1, kernels_v3)
           for name in ("forward", "backward", "_views", "_launch")),

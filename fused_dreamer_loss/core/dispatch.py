@@ -77,6 +77,27 @@ def values_key(values: Sequence) -> tuple:
     return values, tuple(map(type, values)), tuple(map(math.copysign, _ONES, floats))
 
 
+#: A part of a call's signature that cannot be keyed: the call is prepared afresh.
+NO_KEY = object()
+
+
+def bins_key(bins):
+    """Bins (a loss's support) in a call's signature: their values for a sequence; for a tensor,
+    the tensor itself (by identity: the prepared call keeps it, so no other tensor takes its id),
+    its version (bins modified in place are checked again) and layout; None for None;
+    :data:`NO_KEY` for an inference tensor, whose version is not tracked, or anything else."""
+    if bins is None:
+        return None
+    if isinstance(bins, torch.Tensor):
+        if bins.is_inference():
+            return NO_KEY
+        return (id(bins), bins._version, bins.shape, bins.stride(), bins.dtype, bins.device,
+                bins.requires_grad)
+    if isinstance(bins, (list, tuple)):
+        return values_key(bins)
+    return NO_KEY
+
+
 def cacheable() -> bool:
     """Whether a call may be keyed: not under ``torch.compile`` (which traces the preparation
     instead) nor a ``torch.func`` transform (whose tensors no kernel reads)."""

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.dispatch import (cacheable, call_key, remember, require_triton, resolve_backend,
-                             values_key)
+from ..core.dispatch import (NO_KEY, bins_key, cacheable, call_key, remember, require_triton,
+                             resolve_backend, values_key)
 from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import (
@@ -24,8 +24,6 @@ from .validation import (
 _SYMLOG, _BINS = 12, 16
 #: Prepared calls by signature (see :func:`fused_dreamer_loss.core.dispatch.call_key`).
 _CALLS: dict = {}
-#: A part of a call's signature that cannot be keyed: the call is prepared afresh.
-_NO_KEY = object()
 
 
 def _heads_of(value) -> tuple:
@@ -37,23 +35,6 @@ def _heads_of(value) -> tuple:
 def _symlog_key(reco_symlog) -> tuple:
     entries = reco_symlog if isinstance(reco_symlog, (list, tuple)) else (reco_symlog,)
     return type(reco_symlog), values_key(entries)
-
-
-def _bins_key(reward_bins):
-    """``reward_bins`` in a call's signature: its values for a sequence; for a tensor, the
-    tensor itself (by identity: the prepared call keeps it, so no other tensor takes its id),
-    its version (bins modified in place are checked again) and layout; an inference tensor,
-    whose version is not tracked, is not keyed."""
-    if reward_bins is None:
-        return None
-    if isinstance(reward_bins, torch.Tensor):
-        if reward_bins.is_inference():
-            return _NO_KEY
-        return (id(reward_bins), reward_bins._version, reward_bins.shape, reward_bins.stride(),
-                reward_bins.dtype, reward_bins.device, reward_bins.requires_grad)
-    if isinstance(reward_bins, (list, tuple)):
-        return values_key(reward_bins)
-    return _NO_KEY
 
 
 def _fused_v3(opts: V3Options, shapes: V3Shapes, posterior_logits, prior_logits, pixels,
@@ -239,8 +220,8 @@ def dreamer_v3_model_loss(
                reco_loss, reco_symlog, reward_two_hot, num_reward_bins, global_average,
                reward_bins, two_hot_space, pixels_scale, pixels_offset)
     targets, predictions = _heads_of(pixels), _heads_of(reco_pixels)
-    bins = _bins_key(reward_bins) if cacheable() else _NO_KEY
-    key = None if bins is _NO_KEY else call_key(
+    bins = bins_key(reward_bins) if cacheable() else NO_KEY
+    key = None if bins is NO_KEY else call_key(
         (posterior_logits, prior_logits, *targets, *predictions, true_reward, reward_pred,
          continue_pred, terminated),
         (values_key(options[:_SYMLOG] + options[_SYMLOG + 1:_BINS] + options[_BINS + 1:]),
