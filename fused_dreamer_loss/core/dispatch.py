@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -72,9 +73,14 @@ def values_key(values: Sequence) -> tuple:
     their types (``True``, ``1`` and ``1.0`` are checked differently) and, for the numbers, the
     sign of a zero (``-0.0`` gives ``-0.0`` losses)."""
     values = tuple(values)
-    # an int has no negative zero: the floats' signs are all ``==`` misses
-    floats = [v for v in values if isinstance(v, float)]  # numpy.float64 too
+    # an int has no negative zero: the floats' signs are all ``==`` misses (numpy's included)
+    floats = [v for v in values if type(v) is float
+              or (type(v) not in _NOT_FLOATS and isinstance(v, numbers.Real))]
     return values, tuple(map(type, values)), tuple(map(math.copysign, _ONES, floats))
+
+
+#: Option types with no negative zero, skipped by :func:`values_key` without the slower check.
+_NOT_FLOATS = (int, bool, str, type(None), tuple)
 
 
 #: A part of a call's signature that cannot be keyed: the call is prepared afresh.
@@ -85,7 +91,9 @@ def bins_key(bins):
     """Bins (a loss's support) in a call's signature: their values for a sequence; for a tensor,
     the tensor itself (by identity: the prepared call keeps it, so no other tensor takes its id),
     its version (bins modified in place are checked again) and layout; None for None;
-    :data:`NO_KEY` for an inference tensor, whose version is not tracked, or anything else."""
+    :data:`NO_KEY` for an inference tensor, whose version is not tracked, or anything else.
+    Writes that bypass the version counter (through ``.data`` or a numpy view) are not seen:
+    bins written that way are not checked again."""
     if bins is None:
         return None
     if isinstance(bins, torch.Tensor):

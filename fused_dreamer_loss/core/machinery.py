@@ -293,11 +293,13 @@ def launch_finalize(partials: torch.Tensor, outs: Sequence[torch.Tensor], keep: 
                     ranges: Sequence[tuple[int, int]], multipliers: Sequence[float],
                     clamp: int = NO_CLAMP, clamp_value: float = 0.0) -> None:
     """``outs[t] = multipliers[t] × Σ partials[ranges[t]]`` (see :func:`finalize_kernel`), through
-    a :class:`Finalize` kept per ranges, multipliers, clamp and accumulation dtype."""
+    a :class:`Finalize` kept per ranges, multipliers, clamp and the tensors' dtypes (its launch
+    goes to the kernel compiled for them)."""
     acc = acc_dtype(keep)[1]
     # the values exactly: a kept finalize launches with its own multipliers (-0.0 == 0.0)
     exact = [(type(v), v, math.copysign(1.0, v)) for v in (*multipliers, clamp_value)]
-    key = (tuple(map(tuple, ranges)), *exact, acc, clamp)
+    key = (tuple(map(tuple, ranges)), *exact, acc, clamp, partials.dtype, keep.dtype,
+           *[t.dtype for t in outs])
     finalize = _FINALIZES.get(key)
     if finalize is None:
         finalize = _keep(_FINALIZES, key, Finalize(ranges, multipliers, acc, clamp,
@@ -446,7 +448,7 @@ def launch(owner: Any, name: str, programs: int, *args, **constexprs) -> None:
     kernel apart for (an integer on its value being 1 or a multiple of 16, a scalar on its type,
     a pointer on its element type) but for the pointers' alignment, which :class:`Launch` checks
     at every call. For the launchers without a plan."""
-    key = [owner.__name__, name, programs, *constexprs.items()]
+    key = [owner.__name__, name, programs, *[(k, type(v), v) for k, v in constexprs.items()]]
     for a in args:
         kind = type(a)
         if kind is float or kind is int:

@@ -6,9 +6,10 @@ Every direct launch is followed by Triton's dispatch of the same arguments; both
 are recorded and compared: grid, stream, function, metadata, and every argument value, a tensor
 as its data pointer; and the compiled kernel launched directly must be the one Triton's dispatch
 picks (the world-model plans' launches, and the behaviour launchers' kept launches at several
-dtypes and sizes, :func:`fused_dreamer_loss.core.machinery.launch`). Prints one JSON line per compared launch. Run from the repository root as
-``python -m tests.bench.direct_launch_check`` with TRITON_INTERPRET unset
-(``tests/bench/test_host.py`` does).
+dtypes and sizes, :func:`fused_dreamer_loss.core.machinery.launch`, and their finalizes). Prints
+one JSON line per compared launch. Run from the repository root as ``python -m
+tests.bench.direct_launch_check`` with TRITON_INTERPRET unset (``tests/bench/test_host.py``
+does).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _pointer(value):
 
 def _behavior_steps():
     """Behaviour steps whose launches share kernels and constexprs but not every specialisation:
-    float32 and float64 inputs, and rollouts whose sizes Triton compiles apart (16 starts and
-    16 steps, multiples of 16, against 2 or 8 starts and 15 steps), interleaved."""
+    float32 and float64 inputs, a float64 critic beside a float32 actor, and rollouts whose sizes
+    Triton compiles apart (16 starts and 16 steps, multiples of 16, against 2 or 8 starts and 15
+    steps), interleaved."""
     from fused_dreamer_loss.bench import behavior
     from fused_dreamer_loss.bench.presets import BEHAVIOR_PRESETS, DEFAULT_BEHAVIOR_CONVENTION
     from fused_dreamer_loss.behavior_v3 import BEHAVIOR_CONVENTIONS
@@ -48,6 +50,14 @@ def _behavior_steps():
             steps.append(host.make_step(
                 lambda inputs=inputs: tuple(behavior._call(inputs, options, "triton").values()),
                 [t for t in inputs if t.requires_grad]))
+        # the critic in float64 beside a float32 actor: the float64 accumulation of an
+        # all-float64 call, other loss dtypes
+        inputs = behavior.make_inputs("direct-check", torch.float32, "cpu", 0, options)
+        for i in (behavior.INPUTS.index("value_pred"), behavior.INPUTS.index("slow_value")):
+            inputs[i] = inputs[i].detach().double().requires_grad_(inputs[i].requires_grad)
+        steps.append(host.make_step(
+            lambda inputs=inputs: tuple(behavior._call(inputs, options, "triton").values()),
+            [t for t in inputs if t.requires_grad]))
     del BEHAVIOR_PRESETS["direct-check"]
     return steps + steps
 

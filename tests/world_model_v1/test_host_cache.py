@@ -83,12 +83,14 @@ def test_negative_zero_lambda(device):
         assert bool(torch.signbit(loss)) == (str(zero) == "-0.0"), zero
 
 
-def test_negative_zero_of_a_float_subclass(device):
-    """numpy's float64 is a float: its -0.0 gets a call of its own too."""
+@pytest.mark.parametrize("kind", ["float64", "float32"])
+def test_negative_zero_of_numpys_floats(device, kind):
+    """numpy's floats (float64 a float subclass, float32 not) are real numbers the checks take:
+    their -0.0 gets a call of its own too."""
     np = pytest.importorskip("numpy")
     inputs = make_inputs(device=device, seed=7)
     for zero in (0.0, -0.0, 0.0):
-        loss = dreamer_model_loss(*inputs, backend="torch", lambda_reco=np.float64(zero))[1]
+        loss = dreamer_model_loss(*inputs, backend="torch", lambda_reco=getattr(np, kind)(zero))[1]
         assert bool(torch.signbit(loss)) == (str(zero) == "-0.0"), zero
 
 
