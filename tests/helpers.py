@@ -108,3 +108,19 @@ def module_losses_and_grads(loss_module, td):
     losses, _ = loss_module(td)
     sum(losses.values()).sum().backward()
     return losses, {n: p.grad.clone() for n, p in loss_module.world_model.named_parameters()}
+
+
+def assert_module_matches(ours, theirs, td, loss_atol: float) -> None:
+    """Two world-model loss modules on ``td`` (:func:`module_losses_and_grads`): the same loss
+    names in the same order, the same losses (``rtol`` 2e-5, ``loss_atol``) and the same
+    parameter gradients (``rtol`` 1e-4, ``atol`` 1e-5 of the largest)."""
+    (t_losses, t_grads) = module_losses_and_grads(theirs, td)
+    (o_losses, o_grads) = module_losses_and_grads(ours, td)
+    assert list(o_losses.keys()) == list(t_losses.keys())
+    for name, want in t_losses.items():
+        torch.testing.assert_close(o_losses[name], want, rtol=2e-5, atol=loss_atol,
+                                   msg=lambda m: f"{name}: {m}")
+    for name, want in t_grads.items():
+        scale = float(want.abs().max()) or 1.0
+        torch.testing.assert_close(o_grads[name], want, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m: f"grad {name}: {m}")

@@ -817,8 +817,9 @@ def _returns_backward(inputs, floats, ints, keep, grad_outputs, grads, skip_if_o
     scratch = torch.empty(reward.shape, dtype=keep.dtype, device=reward.device)
     g = [g if g is not None else scratch for g in grads[:CONT_IN + 1]]
     machinery.launch(
-        _MODULE, "_returns_bwd_kernel", triton.cdiv(n_starts, SCAN_BLOCK), _flat(upstream), reward, value, reward if cont is None else cont, scratch, *g, n_starts,
-        H, *floats[:3], HAS_CONT=cont is not None, GRAD_REWARD=grads[REWARD_IN] is not None,
+        _MODULE, "_returns_bwd_kernel", triton.cdiv(n_starts, SCAN_BLOCK), _flat(upstream),
+        reward, value, reward if cont is None else cont, scratch, *g, n_starts, H, *floats[:3],
+        HAS_CONT=cont is not None, GRAD_REWARD=grads[REWARD_IN] is not None,
         GRAD_VALUE=grads[VALUE_IN] is not None, GRAD_CONT=grads[CONT_IN] is not None,
         BLOCK=SCAN_BLOCK, ACC=acc_dtype(keep)[1], num_warps=NUM_WARPS,
     )
@@ -1050,8 +1051,8 @@ def _terms_forward(inputs, floats, ints, needs):
     call = _Call(inputs, o, machinery.by_input(made, needs))
     partials = torch.empty(2 * call.programs, dtype=keep.dtype, device=keep.device)
     machinery.launch(
-        _MODULE, "_terms_fwd_kernel", call.programs, *call.args, partials, *call.sizes, call.programs, *call.scalars,
-        ACC=acc_dtype(keep)[1], **call.meta,
+        _MODULE, "_terms_fwd_kernel", call.programs, *call.args, partials, *call.sizes,
+        call.programs, *call.scalars, ACC=acc_dtype(keep)[1], **call.meta,
     )
     names = _outputs(ints)
     machinery.launch_finalize(partials, losses, keep, ranges=call.ranges(names),

@@ -624,7 +624,7 @@ def _phase_targets() -> list[tuple[object, str, str]]:
         (functional_v3, "bins_key", "validation"),
         (functional_v3, "_prepare", "validation"),
         *((kernels._Plan, name, "plan") for kernels in (kernels_v1, kernels_v3)
-          for name in ("forward", "backward", "_views", "_launch")),
+          for name in ("forward", "backward", "current", "_views", "_launch")),
         (machinery, "run", "Function (Python)"),
         (machinery.FusedLossFunction, "forward", "Function (Python)"),
         (machinery.FusedLossFunction, "backward", "Function (Python)"),

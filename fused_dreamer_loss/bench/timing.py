@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -64,8 +64,9 @@ def step_fn(fn: Callable, inputs: list[torch.Tensor], mode: str) -> Callable[[],
     return step
 
 
-def graphed(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` captured in a CUDA graph (after warm-up on a side stream); returns its replay."""
+def capture(step: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``step`` captured in a CUDA graph after warm-up on a side stream: the graph, and what the
+    captured call returned (its outputs, which every replay rewrites)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -74,8 +75,13 @@ def graphed(step: Callable[[], None]) -> Callable[[], None]:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+        outputs = step()
+    return graph, outputs
+
+
+def graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (:func:`capture`); returns its replay."""
+    return capture(step)[0].replay
 
 
 @dataclass(frozen=True)

@@ -617,6 +617,19 @@ def planned_forward(plan, inputs: Sequence[Optional[torch.Tensor]],
     return [*losses, keep, *(t for t in grads if t is not None)]
 
 
+class TunedPlan:
+    """What a loss's plan shares: it notices that the module constants it was worked out from
+    changed since (the tests shrink them). A plan sets ``floats``, ``ints`` and ``tuning`` (the
+    constants' values when it was made); its class sets ``tunables`` (a function giving their
+    values now) and is built as ``type(plan)(inputs, floats, ints)``."""
+
+    def current(self, inputs) -> "TunedPlan":
+        """This plan, or a new one for ``inputs`` where the module constants changed."""
+        if self.tuning == self.tunables():
+            return self
+        return type(self)(inputs, self.floats, self.ints)
+
+
 class _Unplanned:
     """The plan interface over a loss's plain ``forward`` and ``backward`` (a loss without
     ``plan``)."""

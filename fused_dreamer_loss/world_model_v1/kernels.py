@@ -358,7 +358,7 @@ GRAD_FLAGS = ("GRAD_PM", "GRAD_PS", "GRAD_QM", "GRAD_QS", "GRAD_PIXELS", "GRAD_R
               "GRAD_TRUE_REWARD", "GRAD_PRED_REWARD")
 
 
-class _Plan:
+class _Plan(machinery.TunedPlan):
     """Both kernels' launches for inputs of one signature (shapes, strides, dtypes, device) and
     the options ``(floats, ints)``: grid segments, tile sizes, strides, scalars and constexprs,
     worked out once; :meth:`forward` and :meth:`backward` then only allocate and launch.
@@ -367,6 +367,8 @@ class _Plan:
     they share, the rewards flat: as they are where their layout allows (:func:`_views_as_is`),
     else copied at each call.
     """
+
+    tunables = staticmethod(tuning)
 
     def __init__(self, inputs: Sequence[torch.Tensor], floats: Sequence[float],
                  ints: Sequence[int]):
@@ -436,8 +438,9 @@ class _Plan:
     def forward(self, inputs: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple:
         """``((loss_kl, loss_reco, loss_reward), keep, grads)``: one gradient per input, made for
         a ``grad_output`` of 1, None where ``needs`` asks for none."""
-        if self.tuning != tuning():  # the module constants changed since the plan was made
-            return _Plan(inputs, self.floats, self.ints).forward(inputs, needs)
+        plan = self.current(inputs)
+        if plan is not self:
+            return plan.forward(inputs, needs)
         device = self.device
         out_kl, out_reco, out_reward = (torch.empty_strided((), (), dtype=d, device=device)
                                         for d in self.o.loss_dtypes)
@@ -460,9 +463,9 @@ class _Plan:
         flags = tuple([t is not None for t in grads])
         if True not in flags:
             return
-        if self.tuning != tuning():
-            return _Plan(inputs, self.floats, self.ints).backward(inputs, keep, grad_outputs,
-                                                                  grads, skip_if_one)
+        plan = self.current(inputs)
+        if plan is not self:
+            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
         pm, ps, qm, qs, pixels, reco, true_reward, pred_reward = self._views(inputs)
         g = [keep if t is None else t for t in grads]
         go = [keep if t is None else t for t in grad_outputs]

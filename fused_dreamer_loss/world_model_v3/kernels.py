@@ -525,7 +525,7 @@ def _viewable(t: torch.Tensor, *shape: int) -> bool:
     return True
 
 
-class _Plan:
+class _Plan(machinery.TunedPlan):
     """Both kernels' launches for inputs of one signature (shapes, strides, dtypes, device) and
     the options ``(floats, ints)``: grid segments, tile sizes, strides, scalars and constexprs,
     worked out once; :meth:`forward` and :meth:`backward` then only allocate and launch.
@@ -534,6 +534,8 @@ class _Plan:
     their own strides, each head's pair flat in the layout it shares, the other row inputs flat:
     as they are where their layout allows, else copied at each call (:meth:`_views`).
     """
+
+    tunables = staticmethod(tuning)
 
     def __init__(self, inputs: Sequence[Optional[torch.Tensor]], floats: Sequence[float],
                  ints: Sequence[int]):
@@ -674,8 +676,9 @@ class _Plan:
     def forward(self, inputs, needs) -> tuple:
         """``(losses, keep, grads)``: the losses in :func:`output_names` order, one gradient per
         input, made for a ``grad_output`` of 1, None where ``needs`` asks for none."""
-        if self.tuning != tuning():
-            return _Plan(inputs, self.floats, self.ints).forward(inputs, needs)
+        plan = self.current(inputs)
+        if plan is not self:
+            return plan.forward(inputs, needs)
         device = self.device
         losses = [torch.empty_strided((), (), dtype=d, device=device) for d in self.o.loss_dtypes]
         partials, keep = machinery.empty_partials_and_keep(self.programs, len(losses), self.acc,
@@ -693,9 +696,9 @@ class _Plan:
         flags = tuple([t is not None for t in grads])
         if True not in flags:
             return
-        if self.tuning != tuning():
-            return _Plan(inputs, self.floats, self.ints).backward(inputs, keep, grad_outputs,
-                                                                  grads, skip_if_one)
+        plan = self.current(inputs)
+        if plan is not self:
+            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
         launch = self._launch("_v3_bwd_kernel", self.backward_programs, flags,
                               tuple(skip_if_one))
         launch(*self._args(self._views(inputs), grads), keep,

@@ -8,6 +8,7 @@ from tests.helpers import assert_close
 from tests.world_model_v1.helpers_v1 import NAMES, free_nats_for, make_inputs, oracle
 
 from fused_dreamer_loss import dreamer_model_loss
+from fused_dreamer_loss.bench.timing import capture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -93,15 +94,7 @@ def test_cuda_graph_capture_and_replay():
         grads = torch.autograd.grad(losses, static)
         return [*losses, *grads]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture(step)
     for seed in (5, 6):
         fresh = make_inputs((8, 10), 30, (3, 32, 32), torch.float32, "cuda", seed=seed)
         with torch.no_grad():
