@@ -8,7 +8,7 @@ other codebases' conventions (:data:`fused_dreamer_loss.behavior_v3.BEHAVIOR_CON
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -50,6 +50,43 @@ def _kernels():
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
+
+
+def _prepared(calls: dict, prepare: Callable[[], tuple], tensors: tuple, options: tuple,
+              backend: str, bins=None, quantiles=None, process_group=None) -> tuple:
+    """What ``prepare()`` gives for a call of this signature (validated options and shapes, the
+    fused call where the kernels run it), kept in ``calls``: the tensors', the options' (plain
+    values, see :func:`~fused_dreamer_loss.core.dispatch.values_key`), the bins'
+    (:func:`~fused_dreamer_loss.core.dispatch.bins_key`), the quantiles' and the process group's.
+    A call that cannot be keyed is prepared afresh, so that bad input raises at every call."""
+    key = None
+    if cacheable():
+        parts = (bins_key(bins), _quantiles_key(quantiles))
+        if all(part is not NO_KEY for part in parts):
+            key = call_key(tensors, (values_key(options), *parts, process_group), backend)
+    prepared = calls.get(key) if key is not None else None
+    if prepared is None:
+        prepared = prepare()
+        remember(calls, key, prepared)
+    return prepared
+
+
+def _quantiles_key(quantiles):
+    """The quantiles in a call's signature: None for None (no quantiles), their values for a
+    tuple (a list is made one before); anything else cannot be keyed (its validation says
+    why)."""
+    if quantiles is None:
+        return None
+    return values_key(quantiles) if isinstance(quantiles, tuple) else NO_KEY
+
+
+#: Each entry point's prepared calls by signature (see :func:`_prepared`).
+_RETURNS_CALLS: dict = {}
+_SCALE_CALLS: dict = {}
+_ACTOR_CALLS: dict = {}
+_VALUE_CALLS: dict = {}
+_REPLAY_CALLS: dict = {}
+_CALLS: dict = {}
 
 
 def lambda_returns(
@@ -103,15 +140,24 @@ def lambda_returns(
         >>> weights[0, :, 0]
         tensor([1.0000, 0.5000, 0.2500])
     """
-    opts = ReturnOptions(gamma, lmbda, discount_loss, discount_weights)
-    shapes = validate_returns(reward, next_value, continuation, root_continuation)
-    if _fused(backend, (reward, next_value, continuation, root_continuation)):
-        return _kernels().fused_lambda_returns(reward, next_value, continuation,
-                                               root_continuation, opts, shapes)
+    tensors = (reward, next_value, continuation, root_continuation)
+    options = (gamma, lmbda, discount_loss, discount_weights)
+    opts, shapes, fused = _prepared(_RETURNS_CALLS, lambda: _prepare_returns(tensors, options,
+                                                                             backend),
+                                    tensors, options, backend)
+    if fused is not None:
+        return _kernels().run_lambda_returns(fused, *tensors)
     returns = reference.lambda_returns(reward, next_value, continuation, opts, shapes.dtype)
     weights = reference.discount_weights(root_continuation, shapes.steps, opts, shapes.dtype,
                                          reward.device)
     return returns, weights
+
+
+def _prepare_returns(tensors: tuple, options: tuple, backend: str) -> tuple:
+    opts = ReturnOptions(*options)
+    shapes = validate_returns(*tensors)
+    fused = _kernels().returns_call(opts, shapes) if _fused(backend, tensors) else None
+    return opts, shapes, fused
 
 
 def return_scale(
@@ -159,12 +205,21 @@ def return_scale(
         >>> low, high
         (tensor([25.]), tensor([475.]))
     """
-    opts = ScaleOptions(tuple(quantiles) if isinstance(quantiles, list) else quantiles, rate,
-                        min_scale, update)
-    validate_scale(returns, low, high)
-    if _fused(backend, (returns, low, high)):
+    quantiles = tuple(quantiles) if isinstance(quantiles, list) else quantiles
+    tensors = (returns, low, high)
+    options = (rate, min_scale, update)
+    opts, fused = _prepared(_SCALE_CALLS, lambda: _prepare_scale(tensors, quantiles, options,
+                                                                 backend),
+                            tensors, options, backend, None, quantiles, process_group)
+    if fused:
         return _kernels().fused_return_scale(returns, low, high, opts, process_group)
     return reference.return_scale(returns, low, high, opts, process_group)
+
+
+def _prepare_scale(tensors: tuple, quantiles, options: tuple, backend: str) -> tuple:
+    opts = ScaleOptions(quantiles, *options)
+    validate_scale(*tensors)
+    return opts, _fused(backend, tensors)
 
 
 def dreamer_v3_actor_loss(
@@ -220,15 +275,24 @@ def dreamer_v3_actor_loss(
         >>> losses["actor_entropy"]
         tensor(1.)
     """
-    opts = ActorOptions(entropy_bonus, use_reinforce, normalize_advantage, weight_entropy)
-    shapes = validate_actor(returns, weights, scale, baseline, log_prob, entropy, opts)
-    if _fused(backend, (returns, weights, scale, baseline, log_prob, entropy)):
+    tensors = (returns, weights, scale, baseline, log_prob, entropy)
+    options = (entropy_bonus, use_reinforce, normalize_advantage, weight_entropy)
+    opts, shapes, terms = _prepared(_ACTOR_CALLS, lambda: _prepare_actor(tensors, options,
+                                                                         backend),
+                                    tensors, options, backend)
+    if terms is not None:
+        return _kernels().run_terms(terms, **_actor_tensors(opts, *tensors))
+    return reference.actor_loss(*tensors, opts, shapes.dtype)
+
+
+def _prepare_actor(tensors: tuple, options: tuple, backend: str) -> tuple:
+    opts = ActorOptions(*options)
+    shapes = validate_actor(*tensors, opts)
+    terms = None
+    if _fused(backend, tensors):
         k = _kernels()
-        return k.fused_terms(k.TermsOptions(actor=opts), k.TermsShapes(actor_dtype=shapes.dtype),
-                             **_actor_tensors(opts, returns, weights, scale, baseline, log_prob,
-                                              entropy))
-    return reference.actor_loss(returns, weights, scale, baseline, log_prob, entropy, opts,
-                                shapes.dtype)
+        terms = k.TermsCall(k.TermsOptions(actor=opts), k.TermsShapes(actor_dtype=shapes.dtype))
+    return opts, shapes, terms
 
 
 def dreamer_v3_value_loss(
@@ -284,18 +348,28 @@ def dreamer_v3_value_loss(
         >>> losses["loss_value"].detach()  # log(255): uniform logits
         tensor(5.5413)
     """
-    opts = CriticOptions(value_loss, slow_critic_regularization, reduction, two_hot_space,
-                         value_bins)
-    shapes = validate_critic(value_pred, returns, weights, slow_value, opts)
-    if opts.reduction != "none" and _fused(backend, (value_pred, returns, weights, slow_value)):
-        k = _kernels()
-        return k.fused_terms(
-            k.TermsOptions(critic=opts, imagined=True),
-            k.TermsShapes(critic_dtype=shapes.dtype, slow_logits=shapes.slow_logits),
-            returns=returns.detach(), weights=_detach(weights), value_pred=value_pred,
+    tensors = (value_pred, returns, weights, slow_value)
+    options = (value_loss, slow_critic_regularization, reduction, two_hot_space)
+    opts, shapes, terms = _prepared(_VALUE_CALLS, lambda: _prepare_value(tensors, options,
+                                                                         value_bins, backend),
+                                    tensors, options, backend, value_bins)
+    if terms is not None:
+        return _kernels().run_terms(
+            terms, returns=returns.detach(), weights=_detach(weights), value_pred=value_pred,
             slow_value=_detach(slow_value) if opts.has_slow else None)
-    return reference.value_loss(value_pred, returns, weights, slow_value, opts,
-                                shapes.slow_logits, shapes.dtype)
+    return reference.value_loss(*tensors, opts, shapes.slow_logits, shapes.dtype)
+
+
+def _prepare_value(tensors: tuple, options: tuple, value_bins, backend: str) -> tuple:
+    opts = CriticOptions(*options, value_bins)
+    shapes = validate_critic(*tensors, opts)
+    terms = None
+    if opts.reduction != "none" and _fused(backend, tensors):
+        k = _kernels()
+        terms = k.TermsCall(
+            k.TermsOptions(critic=opts, imagined=True),
+            k.TermsShapes(critic_dtype=shapes.dtype, slow_logits=shapes.slow_logits))
+    return opts, shapes, terms
 
 
 def replay_value_loss(
@@ -350,21 +424,31 @@ def replay_value_loss(
         >>> loss.shape
         torch.Size([])
     """
+    tensors = (value_pred, reward, done, terminated, bootstrap, slow_value)
+    options = (horizon, lmbda, value_loss, slow_critic_regularization, reduction, two_hot_space)
+    replay, opts, shapes, terms = _prepared(
+        _REPLAY_CALLS, lambda: _prepare_replay(tensors, options, value_bins, backend), tensors,
+        options, backend, value_bins)
+    if terms is not None:
+        return _kernels().run_terms(terms, **_replay_tensors(opts, *tensors))["loss_replay_value"]
+    return reference.replay_value_loss(*tensors, replay, opts, shapes.steps, shapes.slow_logits,
+                                       shapes.dtype)
+
+
+def _prepare_replay(tensors: tuple, options: tuple, value_bins, backend: str) -> tuple:
+    horizon, lmbda, *critic = options
     replay = ReplayOptions(horizon, lmbda)
-    opts = CriticOptions(value_loss, slow_critic_regularization, reduction, two_hot_space,
-                         value_bins)
-    shapes = validate_replay(value_pred, reward, done, terminated, bootstrap, slow_value, opts)
+    opts = CriticOptions(*critic, value_bins)
+    shapes = validate_replay(*tensors, opts)
+    value_pred, reward, _, _, bootstrap, slow_value = tensors
+    terms = None
     if opts.reduction != "none" and _fused(backend, (value_pred, reward, bootstrap, slow_value)):
         k = _kernels()
-        return k.fused_terms(
+        terms = k.TermsCall(
             k.TermsOptions(critic=opts, replay=replay),
             k.TermsShapes(replay_dtype=shapes.dtype, replay_slow_logits=shapes.slow_logits,
-                          replay_steps=shapes.steps),
-            **_replay_tensors(opts, value_pred, reward, done, terminated, bootstrap,
-                              slow_value))["loss_replay_value"]
-    return reference.replay_value_loss(value_pred, reward, done, terminated, bootstrap,
-                                       slow_value, replay, opts, shapes.steps,
-                                       shapes.slow_logits, shapes.dtype)
+                          replay_steps=shapes.steps))
+    return replay, opts, shapes, terms
 
 
 def dreamer_v3_behavior_loss(
@@ -474,15 +558,9 @@ def dreamer_v3_behavior_loss(
     replay = (replay_value_pred, replay_reward, replay_done, replay_terminated, replay_slow_value)
     tensors = (reward, next_value, continuation, root_continuation, value_pred, low, high,
                baseline, log_prob, entropy, slow_value, *replay)
-    bins = bins_key(value_bins) if cacheable() else NO_KEY
-    key = None if bins is NO_KEY else call_key(
-        tensors, (values_key(options), values_key(quantiles) if isinstance(quantiles, tuple)
-                  else None, bins, process_group), backend)
-    prepared = _CALLS.get(key) if key is not None else None
-    if prepared is None:
-        prepared = _prepare_behavior(tensors, options, value_bins, backend)
-        remember(_CALLS, key, prepared)
-    opts, shapes, terms = prepared
+    opts, shapes, terms = _prepared(
+        _CALLS, lambda: _prepare_behavior(tensors, options, value_bins, backend), tensors,
+        options, backend, value_bins, quantiles, process_group)
     if terms is not None:
         return _fused_behavior(reward, next_value, continuation, root_continuation, value_pred,
                                low, high, baseline, log_prob, entropy, slow_value, replay, opts,
@@ -490,11 +568,6 @@ def dreamer_v3_behavior_loss(
     return reference.behavior_loss(reward, next_value, continuation, root_continuation,
                                    value_pred, low, high, baseline, log_prob, entropy, slow_value,
                                    replay, opts, shapes, process_group)
-
-
-#: :func:`dreamer_v3_behavior_loss`'s prepared calls by signature (see
-#: :func:`fused_dreamer_loss.core.dispatch.call_key`).
-_CALLS: dict = {}
 
 
 def _prepare_behavior(tensors: tuple, options: tuple, value_bins, backend: str) -> tuple:

@@ -51,14 +51,15 @@ import triton
 import triton.language as tl
 
 from ..core import machinery
-from ..core.machinery import (acc_dtype, backward_programs, code_dtype, dtype_code, scalar, store,
-                              symexp, symlog, term_factor, two_hot_weights)
+from ..core.machinery import (acc_dtype, backward_programs, code_dtype, contiguous_strides,
+                              dtype_code, scalar, store, symexp, symlog, term_factor,
+                              two_hot_weights)
 from . import reference
 from .validation import (DISCOUNT_WEIGHTS, ActorOptions, CriticOptions, ReplayOptions,
                          ReturnOptions, ScaleOptions)
 
-__all__ = ["RETURNS_KERNELS", "TERMS_KERNELS", "fused_lambda_returns", "fused_return_scale",
-           "fused_terms", "launch_returns", "run_terms", "TermsCall"]
+__all__ = ["RETURNS_KERNELS", "TERMS_KERNELS", "fused_return_scale", "launch_returns",
+           "returns_call", "run_lambda_returns", "run_terms", "TermsCall"]
 
 #: Starts per scan tile.
 SCAN_BLOCK = 1024
@@ -709,7 +710,7 @@ def _launch_returns(reward: Optional[torch.Tensor], next_value: Optional[torch.T
         flat = [returns, returns, None, None]
     scale = outs[2] if mode != SCALE_NONE else returns
     buf = low.dtype if mode >= SCALE_READ else scale.dtype
-    programs = triton.cdiv(n_starts, SCAN_BLOCK) if mode == SCALE_NONE else 1
+    programs = machinery.cdiv(n_starts, SCAN_BLOCK) if mode == SCALE_NONE else 1
     with machinery.on_device(returns):
         machinery.launch(
             _MODULE, "_returns_kernel", programs,
@@ -817,7 +818,7 @@ def _returns_backward(inputs, floats, ints, keep, grad_outputs, grads, skip_if_o
     scratch = torch.empty(reward.shape, dtype=keep.dtype, device=reward.device)
     g = [g if g is not None else scratch for g in grads[:CONT_IN + 1]]
     machinery.launch(
-        _MODULE, "_returns_bwd_kernel", triton.cdiv(n_starts, SCAN_BLOCK), _flat(upstream),
+        _MODULE, "_returns_bwd_kernel", machinery.cdiv(n_starts, SCAN_BLOCK), _flat(upstream),
         reward, value, reward if cont is None else cont, scratch, *g, n_starts, H, *floats[:3],
         HAS_CONT=cont is not None, GRAD_REWARD=grads[REWARD_IN] is not None,
         GRAD_VALUE=grads[VALUE_IN] is not None, GRAD_CONT=grads[CONT_IN] is not None,
@@ -842,12 +843,17 @@ RETURNS_KERNELS = machinery.register(machinery.LossKernels(
 ))
 
 
-def fused_lambda_returns(reward, next_value, continuation, root_continuation,
-                         opts: ReturnOptions, shapes) -> tuple[torch.Tensor, torch.Tensor]:
+def returns_call(opts: ReturnOptions, shapes) -> machinery.KeptCall:
+    """The λ-returns as a fused loss for one ``(opts, shapes)``, kept per signature by
+    :func:`fused_dreamer_loss.behavior_v3.lambda_returns` (see :func:`run_lambda_returns`)."""
+    return machinery.KeptCall(RETURNS_KERNELS, opts, shapes)
+
+
+def run_lambda_returns(prepared: machinery.KeptCall, reward, next_value, continuation,
+                       root_continuation) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_dreamer_loss.behavior_v3.lambda_returns` on validated inputs."""
     roots = None if root_continuation is None else root_continuation.detach()  # no gradient
-    returns, weights = machinery.apply(RETURNS_KERNELS, opts, shapes,
-                                       (reward, next_value, continuation, roots))
+    returns, weights = prepared([reward, next_value, continuation, roots])
     return returns, weights.detach()
 
 
@@ -855,7 +861,7 @@ def fused_lambda_returns(reward, next_value, continuation, root_continuation,
 # Host side: the terms
 # ---------------------------------------------------------------------------------------------
 
-#: The inputs of the terms loss, in order (:func:`fused_terms` takes them by these names).
+#: The inputs of the terms loss, in order (:func:`run_terms` takes them by these names).
 TERMS_INPUTS = ("returns", "weights", "scale", "reward", "next_value", "continuation",
                 "baseline", "log_prob", "entropy", "value_pred", "slow_value", "bins",
                 "replay_pred", "replay_reward", "replay_done", "replay_terminated", "bootstrap",
@@ -969,49 +975,71 @@ def _rows_per_tile(block_bins: int) -> int:
     return max(1, CRITIC_TILE // block_bins)
 
 
-class _Call:
-    """Everything both terms kernels take, for one call on validated inputs."""
+def tuning() -> tuple:
+    """The module constants a terms plan is worked out from (the tests shrink them)."""
+    return (ACTOR_BLOCK, CRITIC_TILE, NUM_WARPS, machinery.FINALIZE_BLOCK)
 
-    def __init__(self, inputs: Sequence[Optional[torch.Tensor]], o: _Options,
-                 grads: Sequence[Optional[torch.Tensor]]):
+
+#: The inputs both terms kernels read, in their argument order: all but the reward (the actor
+#: reads none: the reward's gradient is the adjoint itself).
+_READ = tuple(i for i in range(len(TERMS_INPUTS)) if i != REWARD)
+#: The inputs whose gradients the kernels write, in their argument order.
+_GRADS = (RETURNS, REWARD, NEXT_VALUE, CONTINUATION, BASELINE, LOG_PROB, ENTROPY, VALUE_PRED,
+          REPLAY_PRED)
+
+
+class _TermsPlan(machinery.TunedPlan):
+    """Both terms kernels' launches for inputs of one signature (shapes, strides, dtypes, device,
+    which are absent) and the options ``(floats, ints)``: the segments' grids, the sizes, scalars
+    and constexprs, worked out once; :meth:`forward` and :meth:`backward` then only allocate and
+    launch.
+
+    The kernels read every input flat, as it is where it is contiguous, else copied at each call
+    (:meth:`_args`), but the replay's bootstrap, which they read as ``[B, T]`` with its
+    strides."""
+
+    tunables = staticmethod(tuning)
+
+    def __init__(self, inputs: Sequence[Optional[torch.Tensor]], floats: Sequence[float],
+                 ints: Sequence[int]):
+        self.floats, self.ints, self.tuning = list(floats), list(ints), tuning()
+        o = self.o = _Options.decode(floats, ints)
         f = o.flags
-        flat = [t if i == BOOTSTRAP else _flat(t) for i, t in enumerate(inputs)]  # strided
-        anchor = next(t for t in flat if t is not None)
-        ptr = [anchor if t is None else t for t in flat]
-        gptr = [anchor if g is None else g for g in grads]
-        n_starts, H, n_bins, T, s_boot, replay_blocks = 0, 1, 2, 2, (0, 0), 1
+        present = [i for i, t in enumerate(inputs) if t is not None]
+        self.anchor = present[0]  # the pointer passed for an absent input (never read)
+        self.copied = tuple(i for i in present
+                            if i != BOOTSTRAP and not inputs[i].is_contiguous())
+        n_starts, H, n_bins, T, s_boot, replay_blocks, B = 0, 1, 2, 2, (0, 0), 1, 0
         if f["actor"] or f["critic"]:
             H = inputs[RETURNS].shape[-2]
             n_starts = inputs[RETURNS].numel() // H
         pred = inputs[VALUE_PRED] if f["critic"] else inputs[REPLAY_PRED]
         if f["two_hot"]:
             n_bins = pred.shape[-1]
-        block_bins = triton.next_power_of_2(n_bins)
+        block_bins = machinery.next_power_of_2(n_bins)
         rows = _rows_per_tile(block_bins) if f["two_hot"] else CRITIC_TILE
         if f["replay"]:
             B, T = inputs[REPLAY_REWARD].shape[:2]
-            boot = inputs[BOOTSTRAP].reshape(B, T)
-            ptr[BOOTSTRAP], s_boot = boot, boot.stride()
-            for i in (REPLAY_REWARD, REPLAY_DONE, REPLAY_TERMINATED):
-                ptr[i] = inputs[i].reshape(B, T).contiguous()
-            replay_blocks = triton.cdiv(T, rows)
-        self.actor_programs = triton.cdiv(n_starts, ACTOR_BLOCK) if f["actor"] else 0
-        self.critic_programs = triton.cdiv(n_starts * H, rows) if f["critic"] else 0
+            s_boot = inputs[BOOTSTRAP].view(B, T).stride()  # [B, T] or [B, T, 1]: a view
+            replay_blocks = machinery.cdiv(T, rows)
+        self.actor_programs = machinery.cdiv(n_starts, ACTOR_BLOCK) if f["actor"] else 0
+        self.critic_programs = machinery.cdiv(n_starts * H, rows) if f["critic"] else 0
         self.replay_programs = B * replay_blocks if f["replay"] else 0
         self.programs = self.actor_programs + self.critic_programs + self.replay_programs
+        anchor = inputs[self.anchor]
+        self.device = anchor.device
+        self.backward_programs = min(self.programs, backward_programs(self.device))
+        self.acc, acc = acc_dtype(*inputs)
+        self.grad_specs = [None if t is None else (t.shape, contiguous_strides(t.shape), t.dtype)
+                           for t in inputs]
         steps = n_starts * H
         count = 1.0 if f["sum"] else 1.0 / max(steps, 1)
         replay_count = 1.0 if f["sum"] else 1.0 / (B * (T - 1)) if f["replay"] else 0.0
-        # The actor reads no reward: the reward's gradient is the adjoint itself.
-        self.args = [*(ptr[i] for i in range(BINS + 1) if i != REWARD),
-                     *ptr[REPLAY_PRED:REPLAY_SLOW + 1],
-                     *(gptr[i] for i in (RETURNS, REWARD, NEXT_VALUE, CONTINUATION, BASELINE,
-                                         LOG_PROB, ENTROPY, VALUE_PRED, REPLAY_PRED))]
-        self.sizes = [n_starts, H, n_bins, T, *s_boot, replay_blocks, self.actor_programs,
-                      self.critic_programs]
-        self.scalars = [o.gamma, o.lmbda, o.one_minus_lmbda, o.bonus, o.reg, o.replay_gamma,
+        self.sizes = (n_starts, H, n_bins, T, *s_boot, replay_blocks, self.actor_programs,
+                      self.critic_programs)
+        self.scalars = (o.gamma, o.lmbda, o.one_minus_lmbda, o.bonus, o.reg, o.replay_gamma,
                         o.replay_lmbda, o.replay_one_minus_lmbda, 1.0 / max(steps, 1), count,
-                        o.replay_weight * replay_count]
+                        o.replay_weight * replay_count)
         self.meta = dict(
             REINFORCE=f["reinforce"], NORMALIZE=f["normalize"],
             HAS_BASE=inputs[BASELINE] is not None, HAS_ENT=inputs[ENTROPY] is not None,
@@ -1020,20 +1048,75 @@ class _Call:
             HAS_CONT=inputs[CONTINUATION] is not None, HAS_WEIGHTS=inputs[WEIGHTS] is not None,
             TWO_HOT=f["two_hot"], SYMLOG_SPACE=f["symlog_space"], HAS_SLOW=f["has_slow"],
             SLOW_LOGITS=f["slow_logits"], R_SLOW_LOGITS=f["replay_slow_logits"],
-            GRAD_RET=grads[RETURNS] is not None, GRAD_REWARD=grads[REWARD] is not None,
-            GRAD_VALUE=grads[NEXT_VALUE] is not None, GRAD_CONT=grads[CONTINUATION] is not None,
-            GRAD_BASE=grads[BASELINE] is not None, GRAD_LP=grads[LOG_PROB] is not None,
-            GRAD_ENT=grads[ENTROPY] is not None, GRAD_PRED=grads[VALUE_PRED] is not None,
-            GRAD_R_PRED=grads[REPLAY_PRED] is not None, ACTOR_BLOCK=ACTOR_BLOCK, ROWS=rows,
-            BLOCK_BINS=block_bins, num_warps=NUM_WARPS,
+            ACTOR_BLOCK=ACTOR_BLOCK, ROWS=rows, BLOCK_BINS=block_bins, ACC=acc,
+            num_warps=NUM_WARPS,
         )
+        t_actor, t_value, t_replay = _term_indices(ints)
+        self.bwd_meta = dict(T_ACTOR=t_actor, T_VALUE=t_value, T_REPLAY=t_replay)
+        names = _outputs(ints)
+        self.finalize = machinery.Finalize(self._ranges(names), [1.0] * len(names), acc)
+        self._launches: dict[tuple, machinery.Launch] = {}
 
-    def ranges(self, names: Sequence[str]) -> list[tuple[int, int]]:
+    def _ranges(self, names: Sequence[str]) -> list[tuple[int, int]]:
         """Each output's partials: the losses first, the second sums after all programs."""
         a, c, p = self.actor_programs, self.critic_programs, self.programs
         where = {"loss_actor": (0, a), "actor_entropy": (p, p + a), "loss_value": (a, a + c),
                  "value_slow_loss": (p + a, p + a + c), "loss_replay_value": (a + c, p)}
         return [where[name] for name in names]
+
+    def _args(self, inputs, grads) -> list:
+        """The arguments both kernels start with: the inputs they read and the gradients (a
+        harmless pointer where absent: the constexpr flags keep the kernels off it)."""
+        if self.copied:
+            inputs = list(inputs)
+            for i in self.copied:
+                inputs[i] = inputs[i].contiguous()
+        anchor = inputs[self.anchor]
+        return [*[anchor if inputs[i] is None else inputs[i] for i in _READ],
+                *[anchor if grads[i] is None else grads[i] for i in _GRADS]]
+
+    def _launch(self, name: str, programs: int, flags: tuple[bool, ...],
+                skip: Optional[tuple[bool, ...]]) -> machinery.Launch:
+        """The launch of kernel ``name`` writing the gradients ``flags`` marks (in :data:`_GRADS`
+        order; and, for the backward, leaving the terms in ``skip`` alone when their factor is
+        1, see :func:`machinery.term_factor`), made once."""
+        key = (name, flags, skip)
+        launch = self._launches.get(key)
+        if launch is None:
+            extra = {} if skip is None else dict(
+                self.bwd_meta, SKIP=sum(int(s) << i for i, s in enumerate(skip)))
+            meta = dict(self.meta, **dict(zip(
+                ("GRAD_RET", "GRAD_REWARD", "GRAD_VALUE", "GRAD_CONT", "GRAD_BASE", "GRAD_LP",
+                 "GRAD_ENT", "GRAD_PRED", "GRAD_R_PRED"), flags)), **extra)
+            launch = self._launches[key] = machinery.Launch(_MODULE, name, programs, meta)
+        return launch
+
+    def forward(self, inputs, needs) -> tuple:
+        """``(losses, keep, grads)``: the losses in :func:`_outputs` order, one gradient per
+        input, made for a ``grad_output`` of 1, None where ``needs`` asks for none."""
+        plan = self.current(inputs)
+        if plan is not self:
+            return plan.forward(inputs, needs)
+        losses, partials, keep, grads = self.empty_forward(2 * self.programs, needs)
+        flags = tuple([needs[i] for i in _GRADS])
+        self._launch("_terms_fwd_kernel", self.programs, flags, None)(
+            *self._args(inputs, grads), partials, *self.sizes, self.programs, *self.scalars)
+        self.finalize(partials, losses, keep)
+        return losses, keep, grads
+
+    def backward(self, inputs, keep, grad_outputs, grads, skip_if_one) -> None:
+        """``factor × gradient`` into each non-None ``grads[i]``."""
+        flags = tuple([grads[i] is not None for i in _GRADS])
+        if True not in flags:
+            return
+        plan = self.current(inputs)
+        if plan is not self:
+            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
+        launch = self._launch("_terms_bwd_kernel", self.backward_programs, flags,
+                              tuple(skip_if_one))
+        launch(*self._args(inputs, grads), keep,
+               tuple([keep if g is None else g for g in grad_outputs]), *self.sizes,
+               self.replay_programs, *self.scalars)
 
 
 def _terms_grad(inputs, i):
@@ -1042,22 +1125,8 @@ def _terms_grad(inputs, i):
 
 
 def _terms_forward(inputs, floats, ints, needs):
-    """Launch the forward on validated inputs: ``[*losses, keep, *grads]`` (losses in
-    :func:`_outputs` order), the gradients made for a ``grad_output`` of 1."""
-    o = _Options.decode(floats, ints)
-    outs = machinery.empty_outputs(inputs, o.loss_dtypes, needs, _terms_grad)
-    n_out = len(o.loss_dtypes)
-    losses, keep, made = outs[:n_out], outs[n_out], outs[n_out + 1:]
-    call = _Call(inputs, o, machinery.by_input(made, needs))
-    partials = torch.empty(2 * call.programs, dtype=keep.dtype, device=keep.device)
-    machinery.launch(
-        _MODULE, "_terms_fwd_kernel", call.programs, *call.args, partials, *call.sizes,
-        call.programs, *call.scalars, ACC=acc_dtype(keep)[1], **call.meta,
-    )
-    names = _outputs(ints)
-    machinery.launch_finalize(partials, losses, keep, ranges=call.ranges(names),
-                              multipliers=[1.0] * len(names))
-    return outs
+    """Launch the forward on validated inputs (see :func:`machinery.planned_forward`)."""
+    return machinery.planned_forward(_TermsPlan(inputs, floats, ints), inputs, needs)
 
 
 def _terms_forward_fake(inputs, floats, ints, needs):
@@ -1067,19 +1136,8 @@ def _terms_forward_fake(inputs, floats, ints, needs):
 
 def _terms_backward(inputs, floats, ints, keep, grad_outputs, grads, skip_if_one):
     """Launch the backward: ``factor × gradient`` into each non-None ``grads[i]``."""
-    if all(g is None for g in grads):
-        return
-    o = _Options.decode(floats, ints)
-    call = _Call(inputs, o, grads)
-    t_actor, t_value, t_replay = _term_indices(ints)
-    machinery.launch(
-        _MODULE, "_terms_bwd_kernel", min(call.programs, backward_programs(keep.device)),
-        *call.args, keep, tuple(keep if g is None else g for g in grad_outputs), *call.sizes,
-        call.replay_programs, *call.scalars,
-        T_ACTOR=t_actor, T_VALUE=t_value, T_REPLAY=t_replay,
-        SKIP=sum(int(s) << i for i, s in enumerate(skip_if_one)), ACC=acc_dtype(keep)[1],
-        **call.meta,
-    )
+    if any(g is not None for g in grads):
+        _TermsPlan(inputs, floats, ints).backward(inputs, keep, grad_outputs, grads, skip_if_one)
 
 
 def _terms_reference(inputs, opts: TermsOptions, shapes: TermsShapes):
@@ -1097,7 +1155,8 @@ def _terms_reference(inputs, opts: TermsOptions, shapes: TermsShapes):
         out += [losses["loss_actor"], losses["actor_entropy"]]
     if opts.critic is not None and opts.imagined:
         losses = reference.value_loss(inputs[VALUE_PRED], inputs[RETURNS], inputs[WEIGHTS],
-                                      inputs[SLOW_VALUE], opts.critic, shapes.slow_logits, shapes.critic_dtype)
+                                      inputs[SLOW_VALUE], opts.critic, shapes.slow_logits,
+                                      shapes.critic_dtype)
         out += [losses["loss_value"], losses["value_slow_loss"]]
     if opts.replay is not None:
         loss = reference.replay_value_loss(
@@ -1112,7 +1171,7 @@ def _terms_reference(inputs, opts: TermsOptions, shapes: TermsShapes):
 TERMS_KERNELS = machinery.register(machinery.LossKernels(
     name="behavior_terms", terms=_terms, forward=_terms_forward,
     forward_fake=_terms_forward_fake, backward=_terms_backward, empty_grad=_terms_grad,
-    encode=_terms_encode, reference=_terms_reference,
+    encode=_terms_encode, reference=_terms_reference, plan=_TermsPlan,
 ))
 
 
@@ -1132,28 +1191,21 @@ def value_support(critic: CriticOptions, width: int, device: torch.device) -> to
 
 
 class TermsCall:
-    """The terms loss for one ``(opts, shapes)``: the output names, and the prepared
-    :class:`~fused_dreamer_loss.core.machinery.FusedCall` of the first inputs it runs on, reused
-    by later calls, which must have the same signature and grad mode (the behaviour loss keeps
-    one per prepared call, whose signature fixes the terms' inputs')."""
+    """The terms loss for one ``(opts, shapes)``: the output names and the
+    :class:`~fused_dreamer_loss.core.machinery.KeptCall` (the entry points keep one per
+    signature of their own inputs, which fixes the terms' inputs')."""
 
-    __slots__ = ("opts", "shapes", "names", "call")
+    __slots__ = ("opts", "names", "kept")
 
     def __init__(self, opts: TermsOptions, shapes: TermsShapes):
-        self.opts, self.shapes = opts, shapes
+        self.opts = opts
         self.names = _outputs(_terms_encode(opts, shapes)[1])
-        self.call: Optional[machinery.FusedCall] = None
-
-
-def fused_terms(opts: TermsOptions, shapes: TermsShapes,
-                **tensors: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The terms kernels on validated inputs, given by name (``returns=``, ``value_pred=``, ...):
-    the losses by name."""
-    return run_terms(TermsCall(opts, shapes), **tensors)
+        self.kept = machinery.KeptCall(TERMS_KERNELS, opts, shapes)
 
 
 def run_terms(prepared: TermsCall, **tensors: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """:func:`fused_terms` for a :class:`TermsCall`."""
+    """The terms kernels of ``prepared`` on validated inputs, given by name (``returns=``,
+    ``value_pred=``, ...): the losses by name."""
     opts = prepared.opts
     inputs = [tensors.get(name) for name in TERMS_INPUTS]
     if inputs[RETURNS] is None:  # the machinery reads the device from the first input
@@ -1162,10 +1214,7 @@ def run_terms(prepared: TermsCall, **tensors: Optional[torch.Tensor]) -> dict[st
     if critic is not None and critic.two_hot:
         pred = inputs[VALUE_PRED] if opts.imagined else inputs[REPLAY_PRED]
         inputs[BINS] = value_support(critic, pred.shape[-1], pred.device)
-    if prepared.call is None or torch.compiler.is_compiling():
-        prepared.call = machinery.FusedCall(TERMS_KERNELS, opts, prepared.shapes, inputs,
-                                            torch.is_grad_enabled())
-    out = dict(zip(prepared.names, machinery.run(prepared.call, inputs)))
+    out = dict(zip(prepared.names, prepared.kept(inputs)))
     for name in ("actor_entropy", "value_slow_loss"):
         if name in out:
             out[name] = out[name].detach()

@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 import torch.utils._python_dispatch
 
-from ..behavior_v3 import BEHAVIOR_CONVENTIONS, dreamer_v3_behavior_loss
+from ..behavior_v3 import (BEHAVIOR_CONVENTIONS, dreamer_v3_actor_loss, dreamer_v3_behavior_loss,
+                           dreamer_v3_value_loss, lambda_returns, replay_value_loss, return_scale)
 from . import peers
 from .presets import BEHAVIOR_PRESETS, DEFAULT_BEHAVIOR_CONVENTION, DTYPES, IMPLS
 from .report import Row
@@ -121,6 +122,34 @@ def _call(inputs, options: dict, backend: str) -> dict[str, torch.Tensor]:
         replay_terminated=t["replay_terminated"], replay_slow_value=t["replay_slow_value"],
         **options, backend=backend)
     return {k: v for k, v in losses.items() if k.startswith("loss_")}
+
+
+def _phases(inputs, options: dict, backend: str) -> dict[str, torch.Tensor]:
+    """:func:`_call`'s losses through the five phase functions, chained as this project's
+    torchrl modules call them (the returns, the scale, the actor; the critic; the replay term,
+    weighted as the objective weights it)."""
+    t = dict(zip(INPUTS, inputs))
+    baseline = t["baseline"] if t["baseline"].requires_grad or options["use_reinforce"] else None
+    returns, weights = lambda_returns(t["reward"], t["next_value"], t["continuation"],
+                                      t["root_continuation"], gamma=options["gamma"],
+                                      discount_weights=options["discount_weights"],
+                                      backend=backend)
+    scale = return_scale(returns, t["low"], t["high"], backend=backend)
+    actor = dreamer_v3_actor_loss(
+        returns, weights, scale, baseline=baseline, log_prob=t["log_prob"], entropy=t["entropy"],
+        use_reinforce=options["use_reinforce"],
+        normalize_advantage=options["normalize_advantage"],
+        weight_entropy=options["weight_entropy"], backend=backend)
+    critic = dict(value_loss=options["value_loss"], two_hot_space=options["two_hot_space"],
+                  slow_critic_regularization=options["slow_critic_regularization"])
+    value = dreamer_v3_value_loss(t["value_pred"], returns.detach(), weights,
+                                  slow_value=t["slow_value"], **critic, backend=backend)
+    B, T = t["replay_reward"].shape[:2]
+    replay = replay_value_loss(t["replay_value_pred"], t["replay_reward"], t["replay_done"],
+                               t["replay_terminated"], returns[..., 0, 0].detach().reshape(B, T),
+                               slow_value=t["replay_slow_value"], **critic, backend=backend)
+    return {"loss_actor": actor["loss_actor"], "loss_value": value["loss_value"],
+            "loss_replay_value": options["replay_value_weight"] * replay}
 
 
 def torchrl_math(options: dict) -> Callable:

@@ -25,6 +25,9 @@ row                                 what one step runs
                                     ``behavior`` preset (1024 starts × 15 steps, 255 bins, its
                                     default convention), against torchrl's code for the same math
                                     and the reference at ``behavior-tiny``; no module row
+``behavior fused phases``           the same losses through the five phase functions
+                                    (``lambda_returns``, ``return_scale``, the actor, value and
+                                    replay losses), chained as the torchrl modules call them
 ==================================  =============================================================
 
 A step is the loss's forward, ``backward()`` of the sum of its losses and ``.grad`` reset to None,
@@ -367,9 +370,10 @@ def _fused_functional(loss: str) -> Callable[[str], Callable]:
 
 def _behavior(impl: str, tiny: bool) -> Callable:
     """A row of the DreamerV3 behaviour objective (:func:`dreamer_v3_behavior_loss`, its
-    default convention): ``impl`` ``"fused"`` (``backend="triton"``), ``"eager"`` (the
-    reference) or ``"torchrl"`` (torchrl's code for the same math), at :data:`BEHAVIOR_PRESET`
-    or, ``tiny``, its tiny preset."""
+    default convention): ``impl`` ``"fused"`` (``backend="triton"``), ``"phases"`` (the five
+    phase functions, ``backend="triton"``), ``"eager"`` (the reference) or ``"torchrl"``
+    (torchrl's code for the same math), at :data:`BEHAVIOR_PRESET` or, ``tiny``, its tiny
+    preset."""
     def build(device):
         from ..behavior_v3 import BEHAVIOR_CONVENTIONS
         from . import behavior
@@ -380,6 +384,8 @@ def _behavior(impl: str, tiny: bool) -> Callable:
         if impl == "torchrl":
             math = behavior.torchrl_math(options)
             forward = lambda: tuple(math(*inputs).values())  # noqa: E731
+        elif impl == "phases":
+            forward = lambda: tuple(behavior._phases(inputs, options, "triton").values())  # noqa
         else:
             backend = "triton" if impl == "fused" else "torch"
             forward = lambda: tuple(behavior._call(inputs, options, backend).values())  # noqa
@@ -420,6 +426,7 @@ def implementations() -> list[Impl]:
         Impl("v3", "eager reference", tiny, False,
              _functional("v3", True, lambda device: peers.loss_fn_v3("eager", v3, device))),
         Impl("behavior", "fused functional", BEHAVIOR_PRESET, True, _behavior("fused", False)),
+        Impl("behavior", "fused phases", BEHAVIOR_PRESET, True, _behavior("phases", False)),
         Impl("behavior", "torchrl math", tiny, False, _behavior("torchrl", True)),
         Impl("behavior", "eager reference", tiny, False, _behavior("eager", True)),
     ]
@@ -495,7 +502,7 @@ def _baseline(loss: str, name: str) -> str | None:
     math for the functional call."""
     if name == "fused module":
         return "torchrl module"
-    if name in ("fused functional", "autograd floor"):
+    if name in ("fused functional", "fused phases", "autograd floor"):
         return "torchrl math"
     return None
 

@@ -217,6 +217,17 @@ def acc_dtype(*tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, tl.dtype]:
     return torch.float32, tl.float32
 
 
+def cdiv(n: int, d: int) -> int:
+    """``⌈n / d⌉`` on the host (``triton.cdiv`` is a constexpr function in Triton 3.5 to 3.9:
+    about 1.5 µs a call on this project's CPU VM, against 0.02)."""
+    return -(-n // d)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of 2 at or above ``n`` (``n >= 1``), on the host (as :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """True when ``t``'s elements fill a contiguous stretch of memory in some dim order."""
     expected = 1
@@ -619,15 +630,30 @@ def planned_forward(plan, inputs: Sequence[Optional[torch.Tensor]],
 
 class TunedPlan:
     """What a loss's plan shares: it notices that the module constants it was worked out from
-    changed since (the tests shrink them). A plan sets ``floats``, ``ints`` and ``tuning`` (the
-    constants' values when it was made); its class sets ``tunables`` (a function giving their
-    values now) and is built as ``type(plan)(inputs, floats, ints)``."""
+    changed since (the tests shrink them), and it allocates its forward's outputs. A plan sets
+    ``floats``, ``ints`` and ``tuning`` (the constants' values when it was made), ``o`` (with
+    ``loss_dtypes``), ``acc`` (the accumulation dtype), ``grad_specs`` (each input's gradient's
+    shape, strides and dtype, None for an absent input) and ``device``; its class sets
+    ``tunables`` (a function giving the constants' values now) and is built as
+    ``type(plan)(inputs, floats, ints)``."""
 
     def current(self, inputs) -> "TunedPlan":
         """This plan, or a new one for ``inputs`` where the module constants changed."""
         if self.tuning == self.tunables():
             return self
         return type(self)(inputs, self.floats, self.ints)
+
+    def empty_forward(self, n_partials: int, needs: Sequence[bool]) -> tuple:
+        """A forward's outputs, unwritten: ``(losses, partials, keep, grads)``, a 0-dim loss per
+        loss dtype, ``n_partials`` partial sums and the keep flags (one allocation, see
+        :func:`empty_partials_and_keep`), a gradient per input in ``needs`` (None for the
+        others)."""
+        device = self.device
+        losses = [torch.empty_strided((), (), dtype=d, device=device) for d in self.o.loss_dtypes]
+        partials, keep = empty_partials_and_keep(n_partials, len(losses), self.acc, device)
+        grads = [torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=device) if n
+                 else None for n, spec in zip(needs, self.grad_specs)]
+        return losses, partials, keep, grads
 
 
 class _Unplanned:
@@ -927,6 +953,25 @@ def run(call: FusedCall, inputs: Sequence[Optional[torch.Tensor]]):
         with on_device(inputs[0]):
             return tuple(call.plan.forward(inputs, call.needs)[0])
     return _apply_function(call, True, *inputs)
+
+
+class KeptCall:
+    """A fused loss whose :class:`FusedCall` is made from the first inputs it runs on and reused
+    by later calls, which must have their signature and grad mode (an entry point keeps one per
+    signature, see :mod:`fused_dreamer_loss.core.dispatch`); under ``torch.compile`` it is made
+    at every call. Call it with the inputs: the outputs, as :func:`run`."""
+
+    __slots__ = ("kernels", "options", "shapes", "call")
+
+    def __init__(self, kernels: LossKernels, options, shapes):
+        self.kernels, self.options, self.shapes = kernels, options, shapes
+        self.call: Optional[FusedCall] = None
+
+    def __call__(self, inputs: Sequence[Optional[torch.Tensor]]):
+        if self.call is None or torch.compiler.is_compiling():
+            self.call = FusedCall(self.kernels, self.options, self.shapes, inputs,
+                                  torch.is_grad_enabled())
+        return run(self.call, inputs)
 
 
 def apply(kernels: LossKernels, options, shapes, inputs: Sequence[Optional[torch.Tensor]]):

@@ -390,12 +390,12 @@ class _Plan(machinery.TunedPlan):
         self.grad_specs = [(t.shape, t.stride() if INPUT_TERMS[i] == RECO and ok
                             else contiguous_strides(t.shape), t.dtype)
                            for i, (t, ok) in enumerate(zip(inputs, self.as_is))]
-        block_d = min(triton.next_power_of_2(D), MAX_LATENT_BLOCK_D)
+        block_d = min(machinery.next_power_of_2(D), MAX_LATENT_BLOCK_D)
         block_r = max(1, LATENT_TILE // block_d)
         image_block = IMAGE_TILE_BYTES // pixels.element_size()
-        kl_programs = triton.cdiv(R, block_r)
-        reward_programs = triton.cdiv(R, REWARD_BLOCK)
-        image_programs = triton.cdiv(image_numel, image_block)
+        kl_programs = machinery.cdiv(R, block_r)
+        reward_programs = machinery.cdiv(R, REWARD_BLOCK)
+        image_programs = machinery.cdiv(image_numel, image_block)
         self.programs = kl_programs + reward_programs + image_programs
         counts = (R * D, image_numel, R) if o.global_average else (R, R, R)
         scales = tuple(lam / c for lam, c in zip(o.lambdas, counts))
@@ -441,12 +441,8 @@ class _Plan(machinery.TunedPlan):
         plan = self.current(inputs)
         if plan is not self:
             return plan.forward(inputs, needs)
-        device = self.device
-        out_kl, out_reco, out_reward = (torch.empty_strided((), (), dtype=d, device=device)
-                                        for d in self.o.loss_dtypes)
-        partials, keep = machinery.empty_partials_and_keep(self.programs, 3, self.acc, device)
-        grads = [torch.empty_strided(shape, stride, dtype=dtype, device=device) if n else None
-                 for n, (shape, stride, dtype) in zip(needs, self.grad_specs)]
+        (out_kl, out_reco, out_reward), partials, keep, grads = self.empty_forward(
+            self.programs, needs)
         pm, ps, qm, qs, pixels, reco, true_reward, pred_reward = self._views(inputs)
         g = [keep if t is None else t for t in grads]
         self._launch("_dreamer_loss_fwd_kernel", self.programs, tuple(needs))(

@@ -571,18 +571,18 @@ class _Plan(machinery.TunedPlan):
                             else contiguous_strides(t.shape), t.dtype)
                            for i, t in enumerate(inputs)]
 
-        block_s, block_k = triton.next_power_of_2(n_cat), triton.next_power_of_2(n_cls)
+        block_s, block_k = machinery.next_power_of_2(n_cat), machinery.next_power_of_2(n_cls)
         block_r = max(1, KL_TILE // (block_s * block_k))
-        block_bins = triton.next_power_of_2(n_bins)
+        block_bins = machinery.next_power_of_2(n_bins)
         reward_rows = max(1, REWARD_TILE // block_bins)
-        kl_programs = triton.cdiv(rows, block_r)
-        reward_programs = triton.cdiv(rows, reward_rows if o.two_hot else ROW_BLOCK)
-        cont_programs = triton.cdiv(rows, ROW_BLOCK) if o.has_continue else 0
+        kl_programs = machinery.cdiv(rows, block_r)
+        reward_programs = machinery.cdiv(rows, reward_rows if o.two_hot else ROW_BLOCK)
+        cont_programs = machinery.cdiv(rows, ROW_BLOCK) if o.has_continue else 0
         numels = tuple(y.numel() for y in heads[1::2])
         image_block = IMAGE_TILE_BYTES // max(y.element_size() for y in heads[1::2])
         starts = [kl_programs + reward_programs + cont_programs]
         for n in numels:
-            starts.append(starts[-1] + triton.cdiv(n, image_block))
+            starts.append(starts[-1] + machinery.cdiv(n, image_block))
         self.programs = starts[-1]
         self.backward_programs = min(self.programs, backward_programs(self.device))
         counts = tuple(x.numel() if o.global_average else rows for x in heads[0::2])
@@ -679,12 +679,7 @@ class _Plan(machinery.TunedPlan):
         plan = self.current(inputs)
         if plan is not self:
             return plan.forward(inputs, needs)
-        device = self.device
-        losses = [torch.empty_strided((), (), dtype=d, device=device) for d in self.o.loss_dtypes]
-        partials, keep = machinery.empty_partials_and_keep(self.programs, len(losses), self.acc,
-                                                           device)
-        grads = [torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=device) if n
-                 else None for n, spec in zip(needs, self.grad_specs)]
+        losses, partials, keep, grads = self.empty_forward(self.programs, needs)
         self._launch("_v3_fwd_kernel", self.programs, tuple(needs), None)(
             *self._args(self._views(inputs), grads), partials, *self.sizes, *self.scalars,
             *self.counts, *self.scales)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 
 
@@ -60,3 +62,10 @@ def replay(B=3, T=6, R=255, *, dtype=torch.float32, seed=0, device="cpu") -> dic
         "bootstrap": randn(B, T, s=3.0),
         "slow_value": randn(B, T, R, s=2.0),
     }
+
+
+def uncached():
+    """A context in which the behaviour entry points prepare every call afresh (the oracle of a
+    cache test: a key that missed an option would otherwise serve the reference stale too)."""
+    from fused_dreamer_loss.behavior_v3 import functional
+    return mock.patch.object(functional, "cacheable", lambda: False)

@@ -5,12 +5,13 @@ many orders of magnitude, bfloat16 and float64; float64 gradcheck; launches and 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
 import torch
 import torch.utils._python_dispatch
-from tests.behavior_v3.helpers_behavior import replay, rollout
+from tests.behavior_v3.helpers_behavior import replay, rollout, uncached
 from tests.helpers import TOLERANCES, LaunchSpy, assert_close
 
 from fused_dreamer_loss.behavior_v3 import (
@@ -310,12 +311,27 @@ def _behavior(x, rep, backend, low, high, **options):
         slow_value=x["slow_logits"], **kwargs, **options, backend=backend)
 
 
-def _run_behavior(base, rep_base, dtype, **options):
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a non-contiguous leaf (every other element of a wider tensor's last
+    dim), requiring grad where ``t`` does."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t.detach()
+    out = wide[..., ::2]
+    assert not out.is_contiguous()
+    return out.requires_grad_(t.requires_grad)
+
+
+def _run_behavior(base, rep_base, dtype, strided=False, **options):
+    """Both backends on ``base`` and ``rep_base``: the fused one in ``dtype`` (every input a
+    non-contiguous view with ``strided``), the reference in float64."""
     runs = {}
     for backend, d in (("triton", dtype), ("torch", torch.float64)):
         x, rep = _cast(base, d, dtype), _cast(rep_base, d, dtype)
+        if strided and backend == "triton":
+            x, rep = ({k: _strided(v) for k, v in inputs.items()} for inputs in (x, rep))
         low, high = torch.tensor([-2.0]), torch.tensor([3.0])
-        losses = _behavior(x, rep, backend, low, high, **dict(options))
+        with uncached() if backend == "torch" else contextlib.nullcontext():
+            losses = _behavior(x, rep, backend, low, high, **dict(options))
         runs[backend] = (x, rep, losses, low, high)
     return runs
 
@@ -349,6 +365,41 @@ def test_every_preset(name, small_blocks):
     x, rep = _behavior_inputs(options["value_loss"], seed=len(name))
     options["baseline"] = name == "dreamerv3-torch"
     _check_behavior(_run_behavior(x, rep, torch.float32, **options), torch.float32, name)
+
+
+@pytest.mark.parametrize("name", ["torchrl-recipe", "dreamerv3-2024"])
+def test_strided_inputs(name, small_blocks):
+    """Every input a non-contiguous view, between two calls on contiguous inputs of the same
+    shapes (each signature keeps its own prepared call): the reference's losses, statistics and
+    gradients each time."""
+    options = dict(BEHAVIOR_CONVENTIONS[name], replay_value_weight=0.3)
+    x, rep = _behavior_inputs(options["value_loss"], (2, 3), 5, seed=4)
+    for strided in (False, True, False):
+        what = f"{name}, {'strided' if strided else 'contiguous'}"
+        _check_behavior(_run_behavior(x, rep, torch.float32, strided, **options), torch.float32,
+                        what)
+
+
+@pytest.mark.parametrize("shape", ["[B, T]", "[B, T, 1]"])
+def test_replay_strided_bootstrap(shape, small_blocks):
+    """The replay loss reads its bootstrap with the bootstrap's own strides, its other inputs
+    through contiguous copies."""
+    base = replay(3, 6, R=9, seed=2)
+    if shape == "[B, T, 1]":
+        base["bootstrap"] = base["bootstrap"].unsqueeze(-1)
+    runs = {}
+    for backend, d in (("triton", torch.float32), ("torch", torch.float64)):
+        x = _cast(base, d, torch.float32)
+        if backend == "triton":
+            x = {k: _strided(v) for k, v in x.items()}
+        loss = replay_value_loss(x["value_pred"], x["reward"], x["done"], x["terminated"],
+                                 x["bootstrap"], horizon=20.0, lmbda=0.9, value_loss="two_hot",
+                                 backend=backend)
+        runs[backend] = (x, loss)
+    (x, got), (x64, want) = runs["triton"], runs["torch"]
+    _compare(got, want, torch.float32, "replay")
+    _check_grads(got, want, [x["value_pred"]], [x64["value_pred"]], ["value_pred"],
+                 torch.float32, "replay")
 
 
 BEHAVIOR_CASES = [

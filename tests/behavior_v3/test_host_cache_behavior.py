@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.behavior_v3.test_fused_behavior import (_behavior, _behavior_inputs, _cast,
                                                    _check_behavior, _compare, _run_behavior)
+from tests.helpers import LaunchSpy
 
 from fused_dreamer_loss.behavior_v3 import BEHAVIOR_CONVENTIONS, dreamer_v3_behavior_loss
 
@@ -16,7 +17,7 @@ from fused_dreamer_loss.behavior_v3 import BEHAVIOR_CONVENTIONS, dreamer_v3_beha
 BASE = "dreamerv3-2024"
 CHANGED = {"gamma": 0.9, "lmbda": 0.8, "discount_loss": False, "discount_weights": "exclusive",
            "return_normalization": False, "quantiles": (0.1, 0.9), "rate": 0.5,
-           "min_scale": 2.0, "update": False, "entropy_bonus": 1e-2, "use_reinforce": False,
+           "min_scale": 10.0, "update": False, "entropy_bonus": 1e-2, "use_reinforce": False,
            "normalize_advantage": False, "weight_entropy": False,
            "slow_critic_regularization": 0.5, "two_hot_space": "symlog",
            "replay_value_weight": 0.0, "horizon": 100.0, "replay_lmbda": 0.5}
@@ -28,7 +29,7 @@ def _check(x, rep, what, dtype=torch.float32, **options):
 
 @pytest.mark.parametrize("option", sorted(CHANGED))
 def test_each_option_changed_between_calls(option):
-    x, rep = _behavior_inputs("two_hot", (2, 3), 4, seed=1)
+    x, rep = _behavior_inputs("two_hot", (2, 6), 4, seed=1)  # replay T = 6: λ counts
     base = dict(BEHAVIOR_CONVENTIONS[BASE])
     _check(x, rep, "base", **base)
     _check(x, rep, f"{option} changed", **{**base, option: CHANGED[option]})
@@ -55,6 +56,21 @@ def test_shape_dtype_requires_grad_and_grad_mode_changed_between_calls():
     torch.testing.assert_close(losses["loss_value"].double(), want["loss_value"].detach(),
                                rtol=1e-5, atol=1e-6)
     _check(x, rep, "grad mode back on", **base)
+
+
+def test_tile_sizes_changed_between_calls(monkeypatch):
+    """The tests shrink the tiles: a terms plan made before must not be reused with the old
+    ones."""
+    from fused_dreamer_loss.behavior_v3 import kernels
+    x, rep = _behavior_inputs("two_hot", (2, 3), 4, seed=5)  # 9 bins: a 16-wide bins block
+    options = dict(BEHAVIOR_CONVENTIONS[BASE])
+    _check(x, rep, "default tiles", **options)
+    spy = LaunchSpy(kernels._terms_fwd_kernel)
+    monkeypatch.setattr(kernels, "_terms_fwd_kernel", spy)
+    monkeypatch.setattr(kernels, "ACTOR_BLOCK", 2)
+    monkeypatch.setattr(kernels, "CRITIC_TILE", 32)
+    _check(x, rep, "small tiles", **options)
+    assert [(kw["ACTOR_BLOCK"], kw["ROWS"]) for _, kw in spy.calls] == [(2, 32 // 16)]
 
 
 def test_value_bins_changed_in_place_between_calls():

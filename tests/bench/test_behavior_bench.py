@@ -24,6 +24,24 @@ def test_fused_is_four_launches_and_no_sync_where_torchrl_syncs():
     assert torchrl.extra["host_syncs"] > 0  # the replay target's nonzero / .item()
 
 
+def test_the_phases_row_computes_the_objectives_losses():
+    """``--workload host``'s ``fused phases`` row times the objective's math: its chain of phase
+    functions gives the objective's losses and gradients (the reference, at the tiny preset)."""
+    import torch
+
+    options = dict(behavior.BEHAVIOR_CONVENTIONS[behavior.DEFAULT_BEHAVIOR_CONVENTION])
+    results = []
+    for step in (behavior._call, behavior._phases):
+        inputs = behavior.make_inputs("behavior-tiny", torch.float64, "cpu", 0, options)
+        losses = step(inputs, options, "torch")
+        leaves = [t for t in inputs if t.requires_grad]
+        grads = torch.autograd.grad(sum(losses.values()), leaves)
+        results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+
+
 @pytest.mark.parametrize("argv, error", [
     (["--loss", "v3", "--convention", "dreamerv3-torch"], "behaviour-loss convention"),
     (["--loss", "v3-behavior", "--convention", "v3"], "invalid choice"),
