@@ -3,9 +3,9 @@
 # suite with the compiled kernels (V1 and V3), then the benchmarks, most important first: the V3
 # tables timed as CUDA-graph replays; torchrl's DreamerV3 learner as torchrl's defaults run it
 # (compiled, CUDA-graph captured) with its world-model loss and ours; the host time of the loss
-# calls; the V1 graph tables; the tables launched from Python (forward-only rows too); the
-# train-step workloads (V1, then V3); the learner eager and compiled; per-kernel times and the tile
-# sweep. Each step has a timeout, and all of them together stay within BUDGET_S seconds (default
+# calls; the behaviour objective's graph tables; the V1 graph tables; the tables launched from
+# Python (forward-only rows too); the train-step workloads (V1, then V3); the learner eager and
+# compiled; per-kernel times and the tile sweep. Each step has a timeout, and all of them together stay within BUDGET_S seconds (default
 # 560): a step that would start too late is reported as not run. JSON, Markdown, PNG and logs go to
 # the folder given as first argument (default $OUT if set, else bench/results), named after the
 # device.
@@ -94,6 +94,9 @@ bench bench-v3-graph 120 "${v3[@]}" "${all[@]}" --cuda-graph --mode fwd+bwd
 learner=(--workload learner --loss v3 --preset v3 --dtype float32 --impl torchrl fused)
 bench learner-graph 180 "${learner[@]}" --cuda-graph
 bench host 60 --workload host
+# The behaviour objective (returns, scale, actor, critic, replay value) as CUDA-graph replays.
+bench bench-behavior-graph 60 --loss v3-behavior --preset behavior behavior-large \
+  --dtype float32 --impl fused eager torchrl --cuda-graph --mode fwd+bwd
 bench bench-graph 120 "${v1[@]}" "${all[@]}" --cuda-graph --mode fwd+bwd
 bench bench-v3 120 "${v3[@]}" "${all[@]}"
 bench bench 120 "${v1[@]}" "${all[@]}"

@@ -49,9 +49,13 @@ def test_gpu_script_dry_run_prints_commands_the_cli_accepts(tmp_path, monkeypatc
             assert pathlib.Path(path).parent == folder and "DEVICE" in path
     assert len({args.json for args in parsed}) == len(parsed)
     loss_runs = [(args.loss, args.cuda_graph) for args in parsed if args.workload == "loss"]
-    assert loss_runs == [("v3", True), ("v1", True), ("v3", False), ("v1", False)]
+    assert loss_runs == [("v3", True), ("v3-behavior", True), ("v1", True), ("v3", False),
+                         ("v1", False)]
     for args in parsed:
-        if args.workload == "loss":
+        if args.workload == "loss" and args.loss == "v3-behavior":
+            assert args.preset == ["behavior", "behavior-large"] and args.dtype == ["float32"]
+            assert args.impl == ["fused", "eager", "torchrl"] and args.mode == ["fwd+bwd"]
+        elif args.workload == "loss":
             assert set(args.preset) == ({"v3", "v3-r2", "v3-large"} if args.loss == "v3" else
                                         {"small", "default", "large"})
             assert args.dtype == ["float32", "bfloat16"] and args.impl == list(presets.IMPLS)
@@ -106,13 +110,14 @@ def test_gpu_script_runs_every_step_and_reports_the_failed_ones(tmp_path):
                                 "train-step --loss v3")
     assert all(line.endswith(": exit status 3") for line in failed)
     assert "ran: -m pytest" in proc.stdout and "| table row |" not in proc.stdout
-    assert proc.stdout.count("| table ") == 7  # the loss, learner and host benchmarks' tables
+    assert proc.stdout.count("| table ") == 8  # the loss, learner and host benchmarks' tables
     kernel_times = (folder / "kernel-times-Fake-GPU.txt").read_text()
     assert kernel_times.count("ran: bench/kernel_times.py") == 6
     assert kernel_times.count("| table row |") == 6
     assert {p.name for p in folder.glob("*.md")} == {
-        f"{name}-Fake-GPU.md" for name in ("bench-v3-graph", "learner-graph", "host", "bench-graph",
-                                           "bench-v3", "bench", "learner")}
+        f"{name}-Fake-GPU.md" for name in ("bench-v3-graph", "learner-graph", "host",
+                                           "bench-behavior-graph", "bench-graph", "bench-v3",
+                                           "bench", "learner")}
     assert (folder / "tests-Fake-GPU.log").read_text().startswith("ran: -m pytest")
 
 
@@ -124,5 +129,5 @@ def test_gpu_script_stops_starting_steps_when_the_budget_is_spent(tmp_path):
     assert proc.returncode == 1
     assert sorted(p.name for p in folder.iterdir()) == ["setup-Fake-GPU.log", "tests-Fake-GPU.log"]
     failed = proc.stderr.splitlines()
-    assert len(failed) == 9 + 6 + 1  # the benchmark runs, the kernel times, the sweep
+    assert len(failed) == 10 + 6 + 1  # the benchmark runs, the kernel times, the sweep
     assert all(line.endswith("s of the 21 s budget spent") for line in failed)
