@@ -616,6 +616,8 @@ def _phase_targets() -> list[tuple[object, str, str]]:
     """(owner, attribute, category) of the functions :func:`breakdown` times."""
     import triton.runtime.jit as triton_jit
 
+    from ..behavior_v3 import functional as functional_behavior
+    from ..behavior_v3 import kernels as kernels_behavior
     from ..core import machinery
     from ..world_model_v1 import functional as functional_v1
     from ..world_model_v1 import kernels as kernels_v1
@@ -637,6 +639,15 @@ def _phase_targets() -> list[tuple[object, str, str]]:
         (machinery.FusedLossFunction, "backward", "Function (Python)"),
         (kernels_v3._Plan, "_args", "plan"),
         (kernels_v3, "kernel_inputs", "plan"),
+        (functional_behavior, "_prepared", "validation"),
+        *((kernels_behavior._TermsPlan, name, "plan")
+          for name in ("forward", "backward", "current", "_args", "_launch")),
+        (kernels_behavior, "run_terms", "plan"),
+        (kernels_behavior, "run_lambda_returns", "plan"),
+        (kernels_behavior, "_launch_returns", "plan"),
+        (kernels_behavior, "_returns_backward", "plan"),
+        (machinery, "launch", "plan"),
+        (machinery.KeptCall, "__call__", "Function (Python)"),
         (torch, "empty", "allocation"),
         (torch, "empty_strided", "allocation"),
         (machinery, "empty_partials_and_keep", "allocation"),
@@ -656,7 +667,8 @@ def breakdown(steps: int = 200, device: str | None = None) -> list[dict]:
 
     ``validation``: the call's signature, its lookup (and preparing a call, on a miss);
     ``plan``: the plans' per-call work (the inputs' views, the kernels' arguments, the launch
-    lookup); ``allocation``: ``torch.empty``/``empty_strided`` (outputs, gradient buffers,
+    lookup; for the behaviour rows also the returns launch's arguments and the kept launches'
+    lookup, :func:`fused_dreamer_loss.core.machinery.launch`); ``allocation``: ``torch.empty``/``empty_strided`` (outputs, gradient buffers,
     partial sums; on a CPU a 39–50 MB gradient costs an ``mmap`` and a ``munmap``, which a CUDA
     caching allocator does not); ``Triton dispatch``: the launches (data pointers, the compiled
     kernel's launcher, stubbed on a CPU; Triton's binder and cache lookup where a launch takes
@@ -691,8 +703,8 @@ def breakdown(steps: int = 200, device: str | None = None) -> list[dict]:
 # Report
 # ---------------------------------------------------------------------------------------------
 
-#: The losses :func:`breakdown` splits (its categories are the world-model path's).
-BREAKDOWN_LOSSES = ("v1", "v3")
+#: The losses :func:`breakdown` splits.
+BREAKDOWN_LOSSES = ("v1", "v3", "behavior")
 CATEGORIES = ("validation", "plan", "allocation", "Triton dispatch", "Function (Python)",
               "autograd", "rest")
 

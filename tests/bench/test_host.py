@@ -70,7 +70,8 @@ def test_every_row_with_its_spread_and_the_fused_rows_with_their_ratio(report):
 def test_breakdown_of_the_fused_rows(report):
     parts = report["breakdown"]
     assert {(p["loss"], p["impl"]) for p in parts} == {
-        (loss, impl) for loss in ("v1", "v3") for impl in ("fused functional", "fused module")}
+        (loss, impl) for loss in ("v1", "v3") for impl in ("fused functional", "fused module")} | {
+        ("behavior", impl) for impl in ("fused functional", "fused phases")}
     for p in parts:
         measured = [p[c] for c in host.CATEGORIES if c != "rest"]
         assert all(v > 0 for v in measured), p  # each category is reached
