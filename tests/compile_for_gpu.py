@@ -164,16 +164,15 @@ def cases():
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
     from fused_dreamer_loss.bench.host import no_launch_driver
-    from fused_dreamer_loss.core import machinery
+    from fused_dreamer_loss.core import dispatch
 
     jit.JITFunction.run = _compile_only
     with no_launch_driver():  # backend="triton" takes CPU tensors; nothing runs
         for what, spill_free, run in cases():
             start = len(COMPILED)
             # every launch of a case through Triton's dispatch, where it is recorded: none
-            # launched directly by a launch another case kept
-            machinery._LAUNCHES.clear()
-            machinery._FINALIZES.clear()
+            # launched directly by a plan another case kept
+            dispatch.forget_all()
             run()
             for name, kernel in COMPILED[start:]:
                 print(json.dumps({"case": what, "spill_free": spill_free, "kernel": name,

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..core.dispatch import (NO_KEY, bins_key, cacheable, call_key, remember, require_triton,
-                             resolve_backend, values_key)
+from ..core.dispatch import (NO_KEY, bins_key, cacheable, call_key, calls_table, remember,
+                             require_triton, resolve_backend, values_key)
 from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import (
@@ -81,12 +81,12 @@ def _quantiles_key(quantiles):
 
 
 #: Each entry point's prepared calls by signature (see :func:`_prepared`).
-_RETURNS_CALLS: dict = {}
-_SCALE_CALLS: dict = {}
-_ACTOR_CALLS: dict = {}
-_VALUE_CALLS: dict = {}
-_REPLAY_CALLS: dict = {}
-_CALLS: dict = {}
+_RETURNS_CALLS = calls_table()
+_SCALE_CALLS = calls_table()
+_ACTOR_CALLS = calls_table()
+_VALUE_CALLS = calls_table()
+_REPLAY_CALLS = calls_table()
+_CALLS = calls_table()
 
 
 def lambda_returns(
@@ -211,15 +211,16 @@ def return_scale(
     opts, fused = _prepared(_SCALE_CALLS, lambda: _prepare_scale(tensors, quantiles, options,
                                                                  backend),
                             tensors, options, backend, None, quantiles, process_group)
-    if fused:
-        return _kernels().fused_return_scale(returns, low, high, opts, process_group)
+    if fused is not None:
+        values = _kernels().scale_values(returns, low, opts, process_group)
+        return fused(None, None, None, None, values, low, high)[2]
     return reference.return_scale(returns, low, high, opts, process_group)
 
 
 def _prepare_scale(tensors: tuple, quantiles, options: tuple, backend: str) -> tuple:
     opts = ScaleOptions(quantiles, *options)
     validate_scale(*tensors)
-    return opts, _fused(backend, tensors)
+    return opts, _kernels().ReturnsCall(None, opts) if _fused(backend, tensors) else None
 
 
 def dreamer_v3_actor_loss(
@@ -558,22 +559,25 @@ def dreamer_v3_behavior_loss(
     replay = (replay_value_pred, replay_reward, replay_done, replay_terminated, replay_slow_value)
     tensors = (reward, next_value, continuation, root_continuation, value_pred, low, high,
                baseline, log_prob, entropy, slow_value, *replay)
-    opts, shapes, terms = _prepared(
-        _CALLS, lambda: _prepare_behavior(tensors, options, value_bins, backend), tensors,
-        options, backend, value_bins, quantiles, process_group)
-    if terms is not None:
+    opts, shapes, fused = _prepared(
+        _CALLS, lambda: _prepare_behavior(tensors, options, value_bins, backend, process_group),
+        tensors, options, backend, value_bins, quantiles, process_group)
+    if fused is not None:
         return _fused_behavior(reward, next_value, continuation, root_continuation, value_pred,
                                low, high, baseline, log_prob, entropy, slow_value, replay, opts,
-                               shapes, process_group, terms)
+                               shapes, process_group, *fused)
     return reference.behavior_loss(reward, next_value, continuation, root_continuation,
                                    value_pred, low, high, baseline, log_prob, entropy, slow_value,
                                    replay, opts, shapes, process_group)
 
 
-def _prepare_behavior(tensors: tuple, options: tuple, value_bins, backend: str) -> tuple:
-    """Validate a :func:`dreamer_v3_behavior_loss` call: ``(opts, shapes, terms)``, ``terms`` the
-    fused terms' :class:`~.kernels.TermsCall` where the fused kernels run it, else None. Raises
-    on bad input."""
+def _prepare_behavior(tensors: tuple, options: tuple, value_bins, backend: str,
+                      process_group) -> tuple:
+    """Validate a :func:`dreamer_v3_behavior_loss` call: ``(opts, shapes, fused)``, ``fused``
+    where the fused kernels run it (else None) the returns kernel's
+    :class:`~.kernels.ReturnsCall`, the scale's when it takes one of its own (the returns
+    all-gathered over ``process_group``, else None) and the fused terms'
+    :class:`~.kernels.TermsCall`. Raises on bad input."""
     (gamma, lmbda, discount_loss, discount_weights, quantiles, rate, min_scale, update,
      entropy_bonus, use_reinforce, normalize_advantage, weight_entropy, value_loss,
      slow_critic_regularization, two_hot_space, return_normalization, replay_value_weight,
@@ -589,11 +593,15 @@ def _prepare_behavior(tensors: tuple, options: tuple, value_bins, backend: str) 
      log_prob, entropy, slow_value, *replay) = tensors
     shapes = validate_behavior(reward, next_value, continuation, root_continuation, value_pred,
                                low, high, baseline, log_prob, entropy, slow_value, replay, opts)
-    terms = None
-    if _fused(backend, (reward, next_value, continuation, root_continuation, value_pred,
-                        baseline, log_prob, entropy, slow_value, *replay)):
-        terms = _terms_call(_kernels(), opts, shapes)
-    return opts, shapes, terms
+    if not _fused(backend, (reward, next_value, continuation, root_continuation, value_pred,
+                            baseline, log_prob, entropy, slow_value, *replay)):
+        return opts, shapes, None
+    k = _kernels()
+    scale = opts.scale if opts.return_normalization else None
+    gather = process_group is not None and scale is not None and scale.update
+    return opts, shapes, (k.ReturnsCall(opts.returns, scale, grid=gather),
+                          k.ReturnsCall(None, scale) if gather else None,
+                          _terms_call(k, opts, shapes))
 
 
 def _actor_tensors(opts: ActorOptions, returns, weights, scale, baseline, log_prob,
@@ -629,19 +637,17 @@ def _terms_call(k, opts: BehaviorOptions, shapes):
 
 def _fused_behavior(reward, next_value, continuation, root_continuation, value_pred, low, high,
                     baseline, log_prob, entropy, slow_value, replay, opts: BehaviorOptions,
-                    shapes, process_group, terms) -> dict[str, torch.Tensor]:
-    """:func:`dreamer_v3_behavior_loss` on the fused kernels: the returns kernel (returns,
-    weights, quantiles, EMA, scale), then the terms kernels (``terms``, a
-    :class:`~.kernels.TermsCall`)."""
+                    shapes, process_group, returns_call, scale_call,
+                    terms) -> dict[str, torch.Tensor]:
+    """:func:`dreamer_v3_behavior_loss` on the fused kernels (see :func:`_prepare_behavior`): the
+    returns kernel (returns, weights, quantiles, EMA, scale), then the terms kernels."""
     k = _kernels()
     rollout = [t.detach() if t is not None else None
                for t in (reward, next_value, continuation, root_continuation)]
-    scale_opts = opts.scale if opts.return_normalization else None
-    gather = process_group is not None and scale_opts is not None and scale_opts.update
-    outs = k.launch_returns(*rollout, None, low, high, opts.returns, scale_opts, grid=gather)
-    returns, weights = outs[0], outs[1]
-    scale = (k.fused_return_scale(returns, low, high, scale_opts, process_group) if gather
-             else outs[2])
+    returns, weights, scale = returns_call(*rollout, None, low, high)
+    if scale_call is not None:
+        values = k.scale_values(returns, low, opts.scale, process_group)
+        scale = scale_call(None, None, None, None, values, low, high)[2]
     tensors = _actor_tensors(opts.actor, returns, weights, scale, baseline, log_prob, entropy)
     if not opts.actor.use_reinforce:  # the reparameterised actor's gradient runs through R
         tensors.update(reward=reward, next_value=next_value, continuation=continuation)

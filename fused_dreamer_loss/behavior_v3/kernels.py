@@ -42,6 +42,7 @@ The math (M the number of steps averaged over; ``w`` the weights, ``s`` the scal
 
 # No `from __future__ import annotations`: Triton reads the "fp64" annotations as written.
 import functools
+import math
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -58,8 +59,8 @@ from . import reference
 from .validation import (DISCOUNT_WEIGHTS, ActorOptions, CriticOptions, ReplayOptions,
                          ReturnOptions, ScaleOptions)
 
-__all__ = ["RETURNS_KERNELS", "TERMS_KERNELS", "fused_return_scale", "launch_returns",
-           "returns_call", "run_lambda_returns", "run_terms", "TermsCall"]
+__all__ = ["RETURNS_KERNELS", "TERMS_KERNELS", "ReturnsCall", "returns_call",
+           "run_lambda_returns", "run_terms", "scale_values", "TermsCall"]
 
 #: Starts per scan tile.
 SCAN_BLOCK = 1024
@@ -674,18 +675,72 @@ def _scale_mode(scale: Optional[ScaleOptions]) -> int:
     return SCALE_UPDATE if scale.update else SCALE_READ
 
 
-def _returns_outputs(reward, next_value, continuation, root, values, low, ints):
-    """The returns kernel's outputs, unwritten: ``(returns, weights, scale)``, the first two in
-    float32 (float64 for a float64 input), empty without a scan, the scale empty with
-    SCALE_NONE."""
-    scan, mode = ints[0], ints[1]
-    like = reward if scan else values
-    dtype = acc_dtype(reward, next_value, continuation, root)[0] if scan else values.dtype
-    shape = reward.shape if scan else (0,)
-    returns, weights = (torch.empty(shape, dtype=dtype, device=like.device) for _ in range(2))
-    scale_dtype = dtype if mode == SCALE_ONE else low.dtype
-    scale = torch.empty(() if mode != SCALE_NONE else (0,), dtype=scale_dtype, device=low.device)
-    return returns, weights, scale
+def returns_tuning() -> tuple:
+    """The module constants a returns launch is worked out from (the tests shrink them)."""
+    return (SCAN_BLOCK, SELECT_BLOCK, NUM_WARPS)
+
+
+class _ReturnsLaunch:
+    """The returns kernel for inputs of one signature and the options ``(floats, ints)``: its
+    outputs' shapes and dtypes, grid, sizes and constexprs, worked out once; call it as
+    :func:`_launch_returns` without the options. The inputs are read flat: as they are where
+    they are contiguous, else copied at each call."""
+
+    __slots__ = ("floats", "tuning", "scan", "mode", "dtype", "shape", "device", "scale_dtype",
+                 "scale_shape", "scale_device", "copied", "sizes", "launch")
+
+    def __init__(self, reward, next_value, continuation, root, values, low,
+                 floats: Sequence[float], ints: Sequence[int]):
+        self.floats, self.tuning = tuple(floats), returns_tuning()
+        scan, mode, discount, weights_code = ints
+        self.scan, self.mode = scan, mode
+        read = (reward, next_value, continuation, root) if scan else (values,)
+        acc, acc_tl = acc_dtype(*read)
+        self.dtype = acc if scan else values.dtype
+        self.shape = reward.shape if scan else (0,)
+        self.device = read[0].device
+        self.scale_dtype = self.dtype if mode == SCALE_ONE else low.dtype
+        self.scale_shape = () if mode != SCALE_NONE else (0,)
+        self.scale_device = low.device
+        self.copied = tuple(t is not None and not t.is_contiguous() for t in read)
+        H = reward.shape[-2] if scan else 1
+        n_starts = reward.numel() // H if scan else 0
+        self.sizes = (n_starts, H, read[0].numel())
+        # the statistics' buffers hold the returns' bits with SCALE_READ and SCALE_UPDATE
+        buf = low.dtype if mode >= SCALE_READ else self.dtype
+        programs = machinery.cdiv(n_starts, SCAN_BLOCK) if mode == SCALE_NONE else 1
+        self.launch = machinery.Launch(_MODULE, "_returns_kernel", programs, dict(
+            SCAN=bool(scan), SCALE=mode, HAS_CONT=bool(scan) and continuation is not None,
+            HAS_ROOT=bool(scan) and root is not None, DISCOUNT=bool(discount),
+            WEIGHTS=weights_code, KEY_BITS=64 if buf == torch.float64 else 32,
+            SCAN_BLOCK=SCAN_BLOCK,
+            SELECT_BLOCK=SELECT_BLOCK, ACC=acc_tl,
+            BUF=tl.float64 if buf == torch.float64 else tl.float32, num_warps=NUM_WARPS))
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel's outputs, unwritten: ``(returns, weights, scale)``, the first two in
+        float32 (float64 for a float64 input), empty without a scan, the scale empty with
+        SCALE_NONE."""
+        returns, weights = (torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                            for _ in range(2))
+        scale = torch.empty(self.scale_shape, dtype=self.scale_dtype, device=self.scale_device)
+        return returns, weights, scale
+
+    def __call__(self, reward, next_value, continuation, root, values, low, high, low_out,
+                 high_out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outs = self.outputs()
+        if self.scan:
+            returns, weights = outs[0], outs[1]
+            flat = [t.contiguous() if copy else t for t, copy in
+                    zip((reward, next_value, continuation, root), self.copied)]
+        else:
+            returns = weights = values.contiguous() if self.copied[0] else values  # read
+            flat = [returns, returns, None, None]
+        scale = outs[2] if self.mode != SCALE_NONE else returns
+        with machinery.on_device(returns):
+            self.launch(*[returns if t is None else t for t in flat], returns, weights, low,
+                        high, low_out, high_out, scale, *self.sizes, *self.floats)
+        return outs
 
 
 def _launch_returns(reward: Optional[torch.Tensor], next_value: Optional[torch.Tensor],
@@ -693,36 +748,12 @@ def _launch_returns(reward: Optional[torch.Tensor], next_value: Optional[torch.T
                     values: Optional[torch.Tensor], low: torch.Tensor, high: torch.Tensor,
                     floats: list[float], ints: list[int], low_out: torch.Tensor,
                     high_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The returns kernel: ``(returns, weights, scale)`` (see :func:`_returns_outputs`), the
-    returns and weights of the rollout when ``reward`` is given; with SCALE_UPDATE the updated
-    statistics into ``low_out`` and ``high_out``. Without a rollout the quantiles are those of
-    ``values``."""
-    scan, mode, discount, weights_code = ints
-    outs = _returns_outputs(reward, next_value, continuation, root, values, low, ints)
-    if scan:
-        returns, weights = outs[0], outs[1]
-        H = reward.shape[-2]
-        n_starts = reward.numel() // H
-        flat = [_flat(t) for t in (reward, next_value, continuation, root)]
-    else:
-        returns = weights = _flat(values)  # read, not written
-        H, n_starts = 1, 0
-        flat = [returns, returns, None, None]
-    scale = outs[2] if mode != SCALE_NONE else returns
-    buf = low.dtype if mode >= SCALE_READ else scale.dtype
-    programs = machinery.cdiv(n_starts, SCAN_BLOCK) if mode == SCALE_NONE else 1
-    with machinery.on_device(returns):
-        machinery.launch(
-            _MODULE, "_returns_kernel", programs,
-            *(returns if t is None else t for t in flat), returns, weights, low, high, low_out,
-            high_out, scale, n_starts, H, returns.numel(), *floats,
-            SCAN=bool(scan), SCALE=mode, HAS_CONT=flat[2] is not None,
-            HAS_ROOT=flat[3] is not None, DISCOUNT=bool(discount), WEIGHTS=weights_code,
-            KEY_BITS=64 if buf == torch.float64 else 32, SCAN_BLOCK=SCAN_BLOCK,
-            SELECT_BLOCK=SELECT_BLOCK, ACC=acc_dtype(*flat)[1],
-            BUF=tl.float64 if buf == torch.float64 else tl.float32, num_warps=NUM_WARPS,
-        )
-    return outs
+    """The returns kernel: ``(returns, weights, scale)`` (see :meth:`_ReturnsLaunch.outputs`),
+    the returns and weights of the rollout when ``reward`` is given; with SCALE_UPDATE the
+    updated statistics into ``low_out`` and ``high_out``. Without a rollout the quantiles are
+    those of ``values``."""
+    launch = _ReturnsLaunch(reward, next_value, continuation, root, values, low, floats, ints)
+    return launch(reward, next_value, continuation, root, values, low, high, low_out, high_out)
 
 
 def _returns_functional(reward: Optional[torch.Tensor], next_value: Optional[torch.Tensor],
@@ -739,7 +770,8 @@ def _returns_functional(reward: Optional[torch.Tensor], next_value: Optional[tor
 
 def _returns_functional_fake(reward, next_value, continuation, root, values, low, high, floats,
                              ints):
-    outs = _returns_outputs(reward, next_value, continuation, root, values, low, ints)
+    outs = _ReturnsLaunch(reward, next_value, continuation, root, values, low, floats,
+                          ints).outputs()
     return [*outs, torch.empty_like(low), torch.empty_like(high)]
 
 
@@ -751,34 +783,49 @@ returns_op = torch.library.custom_op("fused_dreamer_loss::behavior_returns", _re
 returns_op.register_fake(_returns_functional_fake)
 
 
-def launch_returns(reward, next_value, continuation, root, values, low, high,
-                   returns: Optional[ReturnOptions], scale: Optional[ScaleOptions],
-                   grid: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The returns kernel on validated inputs (see :func:`_launch_returns`), the statistics
-    updated in place (by the kernel; under torch.compile by a copy after it); ``grid``: the scan
-    alone, over a grid of start tiles."""
-    ints = _returns_ints(returns, SCALE_NONE if grid else _scale_mode(scale))
-    floats = _returns_floats(returns, scale)
-    with torch.no_grad():
-        if not torch.compiler.is_compiling():
-            return _launch_returns(reward, next_value, continuation, root, values, low, high,
-                                   floats, ints, low, high)
-        *outs, new_low, new_high = returns_op(reward, next_value, continuation, root, values,
-                                              low, high, floats, ints)
-        if ints[1] == SCALE_UPDATE:
-            low.copy_(new_low)
-            high.copy_(new_high)
-        return tuple(outs)
+class ReturnsCall:
+    """The returns kernel of one entry point's prepared call (options, and inputs of one
+    signature: :func:`fused_dreamer_loss.core.dispatch.call_key` of the entry point's own),
+    the statistics updated in place (by the kernel; under torch.compile by a copy after the
+    custom op); ``grid``: the scan alone, over a grid of start tiles. Its
+    :class:`_ReturnsLaunch` is made from the first inputs and kept (made again where the module
+    constants changed). Call it with ``(reward, next_value, continuation, root, values, low,
+    high)``: ``(returns, weights, scale)``."""
+
+    __slots__ = ("floats", "ints", "launch")
+
+    def __init__(self, returns: Optional[ReturnOptions], scale: Optional[ScaleOptions],
+                 grid: bool = False):
+        self.ints = _returns_ints(returns, SCALE_NONE if grid else _scale_mode(scale))
+        self.floats = _returns_floats(returns, scale)
+        self.launch: Optional[_ReturnsLaunch] = None
+
+    def __call__(self, reward, next_value, continuation, root, values, low,
+                 high) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if torch.compiler.is_compiling():
+                *outs, new_low, new_high = returns_op(reward, next_value, continuation, root,
+                                                      values, low, high, self.floats, self.ints)
+                if self.ints[1] == SCALE_UPDATE:
+                    low.copy_(new_low)
+                    high.copy_(new_high)
+                return tuple(outs)
+            launch = self.launch
+            if launch is None or launch.tuning != returns_tuning():
+                launch = self.launch = _ReturnsLaunch(reward, next_value, continuation, root,
+                                                      values, low, self.floats, self.ints)
+            return launch(reward, next_value, continuation, root, values, low, high, low, high)
 
 
-def fused_return_scale(returns: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                       opts: ScaleOptions, process_group=None) -> torch.Tensor:
-    """:func:`fused_dreamer_loss.behavior_v3.return_scale` on validated inputs: one launch (plus
-    the all-gather with a ``process_group``)."""
+def scale_values(returns: torch.Tensor, low: torch.Tensor, opts: ScaleOptions,
+                 process_group=None) -> torch.Tensor:
+    """The returns whose quantiles :func:`fused_dreamer_loss.behavior_v3.return_scale` takes:
+    flat, all-gathered over ``process_group`` (in the buffers' dtype) when the statistics are
+    updated."""
     values = returns.detach().reshape(-1)
     if process_group is not None and opts.update:
         values = reference.gather_returns(values.to(low.dtype), process_group)
-    return launch_returns(None, None, None, None, values, low, high, None, opts)[2]
+    return values
 
 
 # ---- λ-returns as a fused loss: the scan forward, the adjoint scan backward --------------------
@@ -786,44 +833,82 @@ def fused_return_scale(returns: torch.Tensor, low: torch.Tensor, high: torch.Ten
 REWARD_IN, VALUE_IN, CONT_IN, ROOT_IN = range(4)
 
 
-def _returns_forward(inputs, floats, ints, needs):
-    """``[returns, weights, keep, *grads]``: the grads unwritten (the backward writes them: they
-    depend on the upstream gradient of every return)."""
-    anchor = inputs[REWARD_IN]
-    returns, weights, _ = _launch_returns(*inputs, None, anchor, anchor, floats,
-                                          [1, SCALE_NONE, *ints[2:4]], anchor, anchor)
-    keep = torch.empty(2, dtype=returns.dtype, device=returns.device)
-    return [returns, weights, keep, *(_returns_grad(inputs, i) for i, n in enumerate(needs) if n)]
-
-
-def _returns_forward_fake(inputs, floats, ints, needs):
-    outs = _returns_outputs(*inputs, None, inputs[REWARD_IN], [1, SCALE_NONE])[:2]
-    keep = torch.empty(2, dtype=outs[0].dtype, device=outs[0].device)
-    return [*outs, keep, *(_returns_grad(inputs, i) for i, n in enumerate(needs) if n)]
-
-
 def _returns_grad(inputs, i):
     t = inputs[i]
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+class _ReturnsPlan(machinery.TunedPlan):
+    """The λ-returns loss's launches for inputs of one signature and ``(floats, ints)``: the
+    scan (:class:`_ReturnsLaunch`) and the adjoint scan's grid, sizes and constexprs, worked out
+    once. The gradients are made unwritten by the forward, written by the backward (they depend
+    on the upstream gradient of every return)."""
+
+    tunables = staticmethod(returns_tuning)
+
+    def __init__(self, inputs: Sequence[Optional[torch.Tensor]], floats: Sequence[float],
+                 ints: Sequence[int]):
+        self.floats, self.ints, self.tuning = list(floats), list(ints), returns_tuning()
+        reward = inputs[REWARD_IN]
+        self.scan = _ReturnsLaunch(*inputs, None, reward, floats, [1, SCALE_NONE, *ints[2:4]])
+        self.copied = tuple(t is not None and not t.is_contiguous()
+                            for t in inputs[:CONT_IN + 1])
+        H = reward.shape[-2]
+        n_starts = reward.numel() // H
+        self.sizes = (n_starts, H, *floats[:3])
+        self.programs = machinery.cdiv(n_starts, SCAN_BLOCK)
+        self.has_cont = inputs[CONT_IN] is not None
+        self._launches: dict[tuple, machinery.Launch] = {}
+
+    def forward(self, inputs, needs) -> tuple:
+        """``([returns, weights], keep, grads)``, the gradients unwritten."""
+        plan = self.current(inputs)
+        if plan is not self:
+            return plan.forward(inputs, needs)
+        anchor = inputs[REWARD_IN]
+        returns, weights, _ = self.scan(*inputs, None, anchor, anchor, anchor, anchor)
+        keep = torch.empty(2, dtype=returns.dtype, device=returns.device)
+        return [returns, weights], keep, [_returns_grad(inputs, i) if n else None
+                                          for i, n in enumerate(needs)]
+
+    def backward(self, inputs, keep, grad_outputs, grads, skip_if_one) -> None:
+        """The adjoint scan for ``grad_outputs[0]`` (the weights are detached: no gradient)."""
+        upstream = grad_outputs[0]
+        flags = tuple([g is not None for g in grads[:CONT_IN + 1]])
+        if upstream is None or True not in flags:
+            return
+        plan = self.current(inputs)
+        if plan is not self:
+            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
+        reward, value, cont = (t.contiguous() if copy else t
+                               for t, copy in zip(inputs[:CONT_IN + 1], self.copied))
+        scratch = torch.empty(reward.shape, dtype=keep.dtype, device=reward.device)
+        launch = self._launches.get(flags)
+        if launch is None:
+            launch = self._launches[flags] = machinery.Launch(
+                _MODULE, "_returns_bwd_kernel", self.programs, dict(
+                    HAS_CONT=self.has_cont, GRAD_REWARD=flags[REWARD_IN],
+                    GRAD_VALUE=flags[VALUE_IN], GRAD_CONT=flags[CONT_IN], BLOCK=SCAN_BLOCK,
+                    ACC=acc_dtype(keep)[1], num_warps=NUM_WARPS))
+        launch(upstream.contiguous(), reward, value, reward if cont is None else cont, scratch,
+               *[g if g is not None else scratch for g in grads[:CONT_IN + 1]], *self.sizes)
+
+
+def _returns_forward(inputs, floats, ints, needs):
+    """Launch the forward on validated inputs (see :func:`machinery.planned_forward`)."""
+    return machinery.planned_forward(_ReturnsPlan(inputs, floats, ints), inputs, needs)
+
+
+def _returns_forward_fake(inputs, floats, ints, needs):
+    anchor = inputs[REWARD_IN]
+    outs = _ReturnsLaunch(*inputs, None, anchor, floats, [1, SCALE_NONE, *ints[2:4]]).outputs()
+    keep = torch.empty(2, dtype=outs[0].dtype, device=outs[0].device)
+    return [*outs[:2], keep, *(_returns_grad(inputs, i) for i, n in enumerate(needs) if n)]
+
+
 def _returns_backward(inputs, floats, ints, keep, grad_outputs, grads, skip_if_one):
-    """The adjoint scan for ``grad_outputs[0]`` (the weights are detached: no gradient)."""
-    upstream = grad_outputs[0]
-    if upstream is None or all(g is None for g in grads[:CONT_IN + 1]):
-        return
-    reward, value, cont = (_flat(inputs[i]) for i in (REWARD_IN, VALUE_IN, CONT_IN))
-    H = reward.shape[-2]
-    n_starts = reward.numel() // H
-    scratch = torch.empty(reward.shape, dtype=keep.dtype, device=reward.device)
-    g = [g if g is not None else scratch for g in grads[:CONT_IN + 1]]
-    machinery.launch(
-        _MODULE, "_returns_bwd_kernel", machinery.cdiv(n_starts, SCAN_BLOCK), _flat(upstream),
-        reward, value, reward if cont is None else cont, scratch, *g, n_starts, H, *floats[:3],
-        HAS_CONT=cont is not None, GRAD_REWARD=grads[REWARD_IN] is not None,
-        GRAD_VALUE=grads[VALUE_IN] is not None, GRAD_CONT=grads[CONT_IN] is not None,
-        BLOCK=SCAN_BLOCK, ACC=acc_dtype(keep)[1], num_warps=NUM_WARPS,
-    )
+    """Launch the backward (see :meth:`_ReturnsPlan.backward`)."""
+    _ReturnsPlan(inputs, floats, ints).backward(inputs, keep, grad_outputs, grads, skip_if_one)
 
 
 def _returns_encode(opts: ReturnOptions, shapes) -> tuple[list[float], list[int]]:
@@ -839,7 +924,7 @@ def _returns_reference(inputs, opts: ReturnOptions, shapes):
 RETURNS_KERNELS = machinery.register(machinery.LossKernels(
     name="behavior_returns", terms=lambda ints, n: (0,) * n, forward=_returns_forward,
     forward_fake=_returns_forward_fake, backward=_returns_backward, empty_grad=_returns_grad,
-    encode=_returns_encode, reference=_returns_reference,
+    encode=_returns_encode, reference=_returns_reference, plan=_ReturnsPlan,
 ))
 
 
@@ -995,8 +1080,8 @@ class _TermsPlan(machinery.TunedPlan):
     launch.
 
     The kernels read every input flat, as it is where it is contiguous, else copied at each call
-    (:meth:`_args`), but the replay's bootstrap, which they read as ``[B, T]`` with its
-    strides."""
+    (:meth:`_args`), but the replay's bootstrap, which they read as ``[B, T]`` (its batch dims
+    merged) with its strides where it has such a view."""
 
     tunables = staticmethod(tuning)
 
@@ -1007,8 +1092,6 @@ class _TermsPlan(machinery.TunedPlan):
         f = o.flags
         present = [i for i, t in enumerate(inputs) if t is not None]
         self.anchor = present[0]  # the pointer passed for an absent input (never read)
-        self.copied = tuple(i for i in present
-                            if i != BOOTSTRAP and not inputs[i].is_contiguous())
         n_starts, H, n_bins, T, s_boot, replay_blocks, B = 0, 1, 2, 2, (0, 0), 1, 0
         if f["actor"] or f["critic"]:
             H = inputs[RETURNS].shape[-2]
@@ -1018,10 +1101,20 @@ class _TermsPlan(machinery.TunedPlan):
             n_bins = pred.shape[-1]
         block_bins = machinery.next_power_of_2(n_bins)
         rows = _rows_per_tile(block_bins) if f["two_hot"] else CRITIC_TILE
-        if f["replay"]:
-            B, T = inputs[REPLAY_REWARD].shape[:2]
-            s_boot = inputs[BOOTSTRAP].view(B, T).stride()  # [B, T] or [B, T, 1]: a view
+        # RETURNS without an actor or critic is only the device's anchor (never read)
+        read = [i for i in present if i != BOOTSTRAP and (f["actor"] or f["critic"]
+                                                           or i != RETURNS)]
+        copied = [i for i in read if not inputs[i].is_contiguous()]
+        if f["replay"]:  # [*B, T, ·] steps, read as B = prod(*B) rows of T
+            steps = inputs[REPLAY_PRED].shape[:-1]
+            B, T = math.prod(steps[:-1]), steps[-1]
+            try:
+                s_boot = inputs[BOOTSTRAP].view(B, T).stride()
+            except RuntimeError:  # batch dims that do not merge: read through a copy
+                copied.append(BOOTSTRAP)
+                s_boot = (T, 1)
             replay_blocks = machinery.cdiv(T, rows)
+        self.copied = tuple(copied)
         self.actor_programs = machinery.cdiv(n_starts, ACTOR_BLOCK) if f["actor"] else 0
         self.critic_programs = machinery.cdiv(n_starts * H, rows) if f["critic"] else 0
         self.replay_programs = B * replay_blocks if f["replay"] else 0
@@ -1208,8 +1301,9 @@ def run_terms(prepared: TermsCall, **tensors: Optional[torch.Tensor]) -> dict[st
     ``value_pred=``, ...): the losses by name."""
     opts = prepared.opts
     inputs = [tensors.get(name) for name in TERMS_INPUTS]
-    if inputs[RETURNS] is None:  # the machinery reads the device from the first input
-        inputs[RETURNS] = inputs[BOOTSTRAP]
+    if inputs[RETURNS] is None:  # the machinery reads the device from the first input: an
+        # alias of the bootstrap (torch.compile refuses a tensor passed twice to a Function)
+        inputs[RETURNS] = inputs[BOOTSTRAP].detach()
     critic = opts.critic
     if critic is not None and critic.two_hot:
         pred = inputs[VALUE_PRED] if opts.imagined else inputs[REPLAY_PRED]

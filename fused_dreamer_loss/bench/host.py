@@ -642,11 +642,12 @@ def _phase_targets() -> list[tuple[object, str, str]]:
         (functional_behavior, "_prepared", "validation"),
         *((kernels_behavior._TermsPlan, name, "plan")
           for name in ("forward", "backward", "current", "_args", "_launch")),
+        *((kernels_behavior._ReturnsPlan, name, "plan")
+          for name in ("forward", "backward", "current")),
+        (kernels_behavior._ReturnsLaunch, "__call__", "plan"),
+        (kernels_behavior.ReturnsCall, "__call__", "plan"),
         (kernels_behavior, "run_terms", "plan"),
         (kernels_behavior, "run_lambda_returns", "plan"),
-        (kernels_behavior, "_launch_returns", "plan"),
-        (kernels_behavior, "_returns_backward", "plan"),
-        (machinery, "launch", "plan"),
         (machinery.KeptCall, "__call__", "Function (Python)"),
         (torch, "empty", "allocation"),
         (torch, "empty_strided", "allocation"),
@@ -667,8 +668,7 @@ def breakdown(steps: int = 200, device: str | None = None) -> list[dict]:
 
     ``validation``: the call's signature, its lookup (and preparing a call, on a miss);
     ``plan``: the plans' per-call work (the inputs' views, the kernels' arguments, the launch
-    lookup; for the behaviour rows also the returns launch's arguments and the kept launches'
-    lookup, :func:`fused_dreamer_loss.core.machinery.launch`); ``allocation``: ``torch.empty``/``empty_strided`` (outputs, gradient buffers,
+    lookup); ``allocation``: ``torch.empty``/``empty_strided`` (outputs, gradient buffers,
     partial sums; on a CPU a 39–50 MB gradient costs an ``mmap`` and a ``munmap``, which a CUDA
     caching allocator does not); ``Triton dispatch``: the launches (data pointers, the compiled
     kernel's launcher, stubbed on a CPU; Triton's binder and cache lookup where a launch takes

@@ -88,7 +88,8 @@ NO_KEY = object()
 
 
 def bins_key(bins):
-    """Bins (a loss's support) in a call's signature: their values for a sequence; for a tensor,
+    """Bins (a loss's support) in a call's signature: their values for a sequence of numbers; for a
+    tensor,
     the tensor itself (by identity: the prepared call keeps it, so no other tensor takes its id),
     its version (bins modified in place are checked again) and layout; None for None;
     :data:`NO_KEY` for an inference tensor, whose version is not tracked, or anything else.
@@ -101,9 +102,9 @@ def bins_key(bins):
             return NO_KEY
         return (id(bins), bins._version, bins.shape, bins.stride(), bins.dtype, bins.device,
                 bins.requires_grad)
-    if isinstance(bins, (list, tuple)):
+    if isinstance(bins, (list, tuple)) and all(isinstance(v, numbers.Real) for v in bins):
         return values_key(bins)
-    return NO_KEY
+    return NO_KEY  # e.g. a list of 0-dim tensors, which may change in place
 
 
 def cacheable() -> bool:
@@ -127,6 +128,25 @@ def call_key(tensors: Iterable[torch.Tensor | None], options: tuple, backend: st
     except (AttributeError, TypeError, RuntimeError):
         return None
     return key
+
+
+#: Every entry point's table of prepared calls (:func:`calls_table`).
+_TABLES: list[dict] = []
+
+
+def calls_table() -> dict:
+    """A table of prepared calls for one entry point (:func:`remember` keeps calls in it,
+    :func:`forget_all` empties it with all the others)."""
+    table: dict = {}
+    _TABLES.append(table)
+    return table
+
+
+def forget_all() -> None:
+    """Empty every entry point's table: the next call of each signature is prepared afresh, its
+    plans made again and its launches taken through Triton's dispatch first."""
+    for table in _TABLES:
+        table.clear()
 
 
 def remember(calls: dict, key: tuple | None, prepared) -> None:

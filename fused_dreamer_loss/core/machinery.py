@@ -33,7 +33,6 @@ at run time and can. The forward op holds the gradients it makes outside the gra
 # No `from __future__ import annotations`: Triton reads the "fp64" annotations as written.
 import contextlib
 import functools
-import math
 import os
 import sys
 import weakref
@@ -300,24 +299,6 @@ class Finalize:
         self.launch(partials, tuple(outs), keep, *self.scalars)
 
 
-def launch_finalize(partials: torch.Tensor, outs: Sequence[torch.Tensor], keep: torch.Tensor,
-                    ranges: Sequence[tuple[int, int]], multipliers: Sequence[float],
-                    clamp: int = NO_CLAMP, clamp_value: float = 0.0) -> None:
-    """``outs[t] = multipliers[t] × Σ partials[ranges[t]]`` (see :func:`finalize_kernel`), through
-    a :class:`Finalize` kept per ranges, multipliers, clamp and the tensors' dtypes (its launch
-    goes to the kernel compiled for them)."""
-    acc = acc_dtype(keep)[1]
-    # the values exactly: a kept finalize launches with its own multipliers (-0.0 == 0.0)
-    exact = [(type(v), v, math.copysign(1.0, v)) for v in (*multipliers, clamp_value)]
-    key = (tuple(map(tuple, ranges)), *exact, acc, clamp, partials.dtype, keep.dtype,
-           *[t.dtype for t in outs])
-    finalize = _FINALIZES.get(key)
-    if finalize is None:
-        finalize = _keep(_FINALIZES, key, Finalize(ranges, multipliers, acc, clamp,
-                                                   clamp_value))
-    finalize(partials, outs, keep)
-
-
 def dtype_code(dtype: torch.dtype) -> int:
     """A float dtype as an int, for the custom ops' integer arguments."""
     return FLOAT_DTYPES.index(dtype)
@@ -436,45 +417,6 @@ class Launch:
             return None
         tail = tuple(self.constexprs[params[i]] for i in order[len(args):])
         return kernel, compiled, triton_driver.active.get_current_device(), tensors, tuples, tail
-
-
-#: Launches :func:`launch` keeps, by kernel, grid, constexprs, scalars and dtypes; and the
-#: finalizes :func:`launch_finalize` keeps. Past :data:`MAX_KEPT` entries a table starts over.
-_LAUNCHES: dict = {}
-_FINALIZES: dict = {}
-MAX_KEPT = 512
-
-
-def _keep(table: dict, key, value):
-    if len(table) >= MAX_KEPT:
-        table.clear()
-    table[key] = value
-    return value
-
-
-def launch(owner: Any, name: str, programs: int, *args, **constexprs) -> None:
-    """``getattr(owner, name)[(programs,)](*args, **constexprs)`` through a :class:`Launch` kept
-    per kernel, grid, constexprs, scalar arguments (with their types) and tensor dtypes: after
-    the first call the compiled kernel is launched directly. Those are what Triton compiles a
-    kernel apart for (an integer on its value being 1 or a multiple of 16, a scalar on its type,
-    a pointer on its element type) but for the pointers' alignment, which :class:`Launch` checks
-    at every call. For the launchers without a plan."""
-    key = [owner.__name__, name, programs, *[(k, type(v), v) for k, v in constexprs.items()]]
-    for a in args:
-        kind = type(a)
-        if kind is float or kind is int:
-            key.append((kind, a))  # 1 == 1.0 == True, compiled as an i32, an fp32, an i1
-        elif isinstance(a, torch.Tensor):
-            key.append(a.dtype)
-        elif kind is tuple:
-            key += [t.dtype if isinstance(t, torch.Tensor) else (type(t), t) for t in a]
-        else:
-            key.append((kind, a))
-    key = tuple(key)
-    kept = _LAUNCHES.get(key)
-    if kept is None:
-        kept = _keep(_LAUNCHES, key, Launch(owner, name, programs, constexprs))
-    kept(*args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-from ..core.dispatch import (cacheable, call_key, remember, require_triton, resolve_backend,
-                             values_key)
+from ..core.dispatch import (cacheable, call_key, calls_table, remember, require_triton,
+                             resolve_backend, values_key)
 from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import LossOptions, check_options_fit, validate_inputs
@@ -110,7 +110,7 @@ def dreamer_model_loss(
 
 
 #: Prepared calls by signature (see :func:`fused_dreamer_loss.core.dispatch.call_key`).
-_CALLS: dict = {}
+_CALLS = calls_table()
 
 
 def _autocast_state(t: torch.Tensor) -> bool:

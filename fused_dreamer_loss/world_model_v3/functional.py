@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.dispatch import (NO_KEY, bins_key, cacheable, call_key, remember, require_triton,
-                             resolve_backend, values_key)
+from ..core.dispatch import (NO_KEY, bins_key, cacheable, call_key, calls_table, remember,
+                             require_triton, resolve_backend, values_key)
 from ..core.validation import check_backend, kernels_can_take
 from . import reference
 from .validation import (
@@ -23,7 +23,7 @@ from .validation import (
 #: others are keyed as values.
 _SYMLOG, _BINS = 12, 16
 #: Prepared calls by signature (see :func:`fused_dreamer_loss.core.dispatch.call_key`).
-_CALLS: dict = {}
+_CALLS = calls_table()
 
 
 def _heads_of(value) -> tuple:

@@ -59,18 +59,21 @@ def test_shape_dtype_requires_grad_and_grad_mode_changed_between_calls():
 
 
 def test_tile_sizes_changed_between_calls(monkeypatch):
-    """The tests shrink the tiles: a terms plan made before must not be reused with the old
-    ones."""
+    """The tests shrink the tiles: a returns launch or terms plan made before must not be
+    reused with the old ones."""
     from fused_dreamer_loss.behavior_v3 import kernels
     x, rep = _behavior_inputs("two_hot", (2, 3), 4, seed=5)  # 9 bins: a 16-wide bins block
     options = dict(BEHAVIOR_CONVENTIONS[BASE])
     _check(x, rep, "default tiles", **options)
-    spy = LaunchSpy(kernels._terms_fwd_kernel)
+    spy, returns_spy = LaunchSpy(kernels._terms_fwd_kernel), LaunchSpy(kernels._returns_kernel)
     monkeypatch.setattr(kernels, "_terms_fwd_kernel", spy)
-    monkeypatch.setattr(kernels, "ACTOR_BLOCK", 2)
-    monkeypatch.setattr(kernels, "CRITIC_TILE", 32)
+    monkeypatch.setattr(kernels, "_returns_kernel", returns_spy)
+    for name, value in (("ACTOR_BLOCK", 2), ("CRITIC_TILE", 32), ("SCAN_BLOCK", 2),
+                        ("SELECT_BLOCK", 4)):
+        monkeypatch.setattr(kernels, name, value)
     _check(x, rep, "small tiles", **options)
     assert [(kw["ACTOR_BLOCK"], kw["ROWS"]) for _, kw in spy.calls] == [(2, 32 // 16)]
+    assert [(kw["SCAN_BLOCK"], kw["SELECT_BLOCK"]) for _, kw in returns_spy.calls] == [(2, 4)]
 
 
 def test_value_bins_changed_in_place_between_calls():

@@ -10,7 +10,8 @@ import contextlib
 import pytest
 import torch
 from tests.behavior_v3.helpers_behavior import replay, rollout, uncached
-from tests.behavior_v3.test_fused_behavior import _cast, _check_grads, _compare
+from tests.behavior_v3.test_fused_behavior import _cast, _check_grads, _compare, _strided
+from tests.helpers import LaunchSpy
 
 from fused_dreamer_loss.behavior_v3 import (
     dreamer_v3_actor_loss,
@@ -79,14 +80,17 @@ def _inputs(batch=(2, 3), H=4, seed=0):
     return {**x, **{f"r_{k}": v for k, v in rep.items()}}
 
 
-def _check(phase, x, dtype=torch.float32, **options):
-    """The fused call in ``dtype`` against the reference in float64 on the same values (prepared
-    afresh): every output, and the gradients of each one that has any."""
+def _check(phase, x, dtype=torch.float32, strided=False, **options):
+    """The fused call in ``dtype`` (on non-contiguous views with ``strided``) against the
+    reference in float64 on the same values (prepared afresh): every output, and the gradients
+    of each one that has any."""
     call, leaves, base, _ = PHASES[phase]
     options = {**base, **options}
     runs = {}
     for backend, d in (("triton", dtype), ("torch", torch.float64)):
         xd = _cast(x, d, dtype)
+        if strided and backend == "triton":
+            xd = {k: _strided(v) for k, v in xd.items()}
         with uncached() if backend == "torch" else contextlib.nullcontext():
             runs[backend] = (xd, call(xd, backend, **options))
     (x_got, got), (x_want, want) = runs["triton"], runs["torch"]
@@ -124,18 +128,105 @@ def test_shape_dtype_requires_grad_and_grad_mode_changed_between_calls(phase):
     _check(phase, x)
 
 
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_strides_changed_between_calls(phase):
+    """Every input a non-contiguous view (read through copies), between calls on contiguous
+    inputs of the same shapes."""
+    x = _inputs(seed=5)
+    for strided in (False, True, False):
+        _check(phase, x, strided=strided)
+
+
+def test_tile_sizes_changed_between_calls(monkeypatch):
+    """The tests shrink the tiles: the returns launches kept by ``lambda_returns`` and
+    ``return_scale`` must not be reused with the old ones."""
+    from fused_dreamer_loss.behavior_v3 import kernels
+    x = _inputs(seed=6)
+    for phase in ("lambda_returns", "return_scale"):
+        _check(phase, x)
+    scan, adjoint = LaunchSpy(kernels._returns_kernel), LaunchSpy(kernels._returns_bwd_kernel)
+    monkeypatch.setattr(kernels, "_returns_kernel", scan)
+    monkeypatch.setattr(kernels, "_returns_bwd_kernel", adjoint)
+    monkeypatch.setattr(kernels, "SCAN_BLOCK", 2)
+    monkeypatch.setattr(kernels, "SELECT_BLOCK", 4)
+    for phase in ("lambda_returns", "return_scale"):
+        _check(phase, x)
+    assert [(kw["SCAN_BLOCK"], kw["SELECT_BLOCK"]) for _, kw in scan.calls] == [(2, 4)] * 2
+    assert adjoint.calls and all(kw["BLOCK"] == 2 for _, kw in adjoint.calls)
+
+
+@pytest.mark.parametrize("given", ["tensor", "list of 0-dim tensors"])
 @pytest.mark.parametrize("phase", ["value", "replay"])
-def test_value_bins_changed_in_place_between_calls(phase):
+def test_value_bins_changed_in_place_between_calls(phase, given):
+    """Bins a call cannot key by value (a tensor: by identity and version; a list of 0-dim
+    tensors: not at all) modified in place: the next call is checked and prepared again."""
     x = _inputs(seed=3)
-    bins = torch.linspace(-6.0, 6.0, 9)
+    values = torch.linspace(-6.0, 6.0, 9)
+    bins = values if given == "tensor" else list(values.unbind())
     _check(phase, x, value_bins=bins)
     with torch.no_grad():
-        bins.mul_(2.0)
+        values.mul_(2.0)
     _check(phase, x, value_bins=bins)
     with torch.no_grad():
-        bins[0] = bins[1]  # no longer strictly ascending: the check runs again
+        values[0] = values[1]  # no longer strictly ascending: the check runs again
     with pytest.raises(ValueError, match="value_bins"):
         _check(phase, x, value_bins=bins)
+
+
+def test_replay_batch_of_several_dims():
+    """Replay steps ``[A, B, T]`` (read as A·B rows of T), the bootstrap in a layout whose batch
+    dims do not merge (read through a copy), and the flags squeezed."""
+    base = replay(6, 6, R=9, seed=7)
+    rows = {k: v.detach().reshape(2, 3, *v.shape[1:]).transpose(0, 1) for k, v in base.items()}
+    for k in ("reward", "done", "terminated"):
+        rows[k] = rows[k][..., 0]  # [3, 2, 6]
+    wide = torch.randn(2, 3, 2 * 6, generator=torch.Generator().manual_seed(0))
+    rows["bootstrap"] = wide[..., ::2].transpose(0, 1)  # [3, 2, 6], strides (12, 36, 2)
+    assert not rows["bootstrap"].is_contiguous()
+    rows["value_pred"].requires_grad_()
+    runs = {}
+    for backend, d in (("triton", torch.float32), ("torch", torch.float64)):
+        r = _cast(rows, d, torch.float32)
+        with uncached() if backend == "torch" else contextlib.nullcontext():
+            loss = replay_value_loss(r["value_pred"], r["reward"], r["done"], r["terminated"],
+                                     r["bootstrap"], slow_value=r["slow_value"],
+                                     slow_critic_regularization=0.5, backend=backend)
+        runs[backend] = (r, loss)
+    (r, got), (r64, want) = runs["triton"], runs["torch"]
+    _compare(got, want, torch.float32, "replay [A, B, T]")
+    _check_grads(got, want, [r["value_pred"]], [r64["value_pred"]], ["value_pred"],
+                 torch.float32, "replay [A, B, T]")
+
+
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_compiled_phase_matches_eager(phase):
+    """Each phase traced in one graph (``fullgraph=True``, aot_eager): eager's outputs and
+    gradients (the prepared-call tables are not used while compiling)."""
+    torch._dynamo.reset()
+    call, leaves, base, _ = PHASES[phase]
+    x = _inputs(seed=8)
+    compiled = torch.compile(lambda x: call(x, "triton", **base), fullgraph=True,
+                             backend="aot_eager")
+    runs = []
+    for fn in (compiled, lambda x: call(x, "triton", **base)):
+        xd = _cast(x, torch.float32)
+        out = fn(xd)
+        names = [n for n in leaves if xd[n].requires_grad]
+        grads = {}
+        for name, value in out.items():
+            if value.requires_grad and names:
+                grads[name] = torch.autograd.grad(value.sum(), [xd[n] for n in names],
+                                                  allow_unused=True)
+        runs.append(({k: v.detach() for k, v in out.items()}, grads))
+    torch._dynamo.reset()
+    (got, got_grads), (want, want_grads) = runs
+    torch.testing.assert_close(got, want)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        for a, b in zip(got_grads[name], want_grads[name]):
+            assert (a is None) == (b is None)
+            if b is not None:
+                torch.testing.assert_close(a, b)
 
 
 #: Each phase's bad option, and the error it raises.

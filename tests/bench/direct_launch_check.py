@@ -5,8 +5,8 @@ hands the launcher what Triton's own dispatch hands it for the same arguments.
 Every direct launch is followed by Triton's dispatch of the same arguments; both launcher calls
 are recorded and compared: grid, stream, function, metadata, and every argument value, a tensor
 as its data pointer; and the compiled kernel launched directly must be the one Triton's dispatch
-picks (the world-model plans' launches, and the behaviour launchers' kept launches at several
-dtypes and sizes, :func:`fused_dreamer_loss.core.machinery.launch`, and their finalizes). Prints
+picks (the world-model plans' launches, and the behaviour plans' at several dtypes and sizes,
+and their finalizes). Prints
 one JSON line per compared launch. Run from the repository root as ``python -m
 tests.bench.direct_launch_check`` with TRITON_INTERPRET unset (``tests/bench/test_host.py``
 does).

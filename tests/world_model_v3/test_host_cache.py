@@ -71,7 +71,7 @@ def test_each_option(device, option):
 
 def test_reward_bins_values(device):
     """Bins as a sequence (keyed by value), as a tensor modified in place between calls (checked
-    again), and another tensor of the same values."""
+    again), another tensor of the same values, and 0-dim tensors modified in place."""
     values = [-3.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 9.0]
     inputs = inputs_for(device, reward_bins=values)
     check(inputs, reward_bins=values)
@@ -86,6 +86,11 @@ def test_reward_bins_values(device):
     cpu[3] = -10.0  # no longer ascending: the bins are checked again
     with pytest.raises(ValueError, match="reward_bins must be finite and strictly ascending"):
         dreamer_v3_model_loss(**inputs, **BASE, reward_bins=cpu, backend="triton")
+    scalars = list(torch.tensor(values).unbind())  # a sequence of 0-dim tensors: not keyed
+    check(inputs, reward_bins=scalars)
+    for s in scalars:
+        s.mul_(2.0)
+    check(inputs, reward_bins=scalars)
 
 
 def test_heads_layouts_and_grad_mode(device):
