@@ -789,7 +789,8 @@ class ReturnsCall:
     the statistics updated in place (by the kernel; under torch.compile by a copy after the
     custom op); ``grid``: the scan alone, over a grid of start tiles. Its
     :class:`_ReturnsLaunch` is made from the first inputs and kept (made again where the module
-    constants changed). Call it with ``(reward, next_value, continuation, root, values, low,
+    constants changed, or the number of ``values``, which all-gathered returns change with the
+    world size). Call it with ``(reward, next_value, continuation, root, values, low,
     high)``: ``(returns, weights, scale)``."""
 
     __slots__ = ("floats", "ints", "launch")
@@ -811,7 +812,9 @@ class ReturnsCall:
                     high.copy_(new_high)
                 return tuple(outs)
             launch = self.launch
-            if launch is None or launch.tuning != returns_tuning():
+            # the values' count is the world size's times (all-gathered): not in the key
+            if (launch is None or launch.tuning != returns_tuning()
+                    or values is not None and values.numel() != launch.sizes[2]):
                 launch = self.launch = _ReturnsLaunch(reward, next_value, continuation, root,
                                                       values, low, self.floats, self.ints)
             return launch(reward, next_value, continuation, root, values, low, high, low, high)
