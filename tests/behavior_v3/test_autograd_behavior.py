@@ -229,18 +229,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _scale_worker(rank: int, world: int, port: int, backend: str, shards, out_dir: str):
+def _scale_worker(rank: int, world: int, port: int, backend: str, shards, out_dir: str,
+                  alone_first: bool):
+    """One rank: the return scale and the whole objective, gathering the returns of every rank;
+    with ``alone_first``, rank 0 makes both calls alone in a world of one first (the same
+    signature, options and ``process_group=True``: another number of returns gathered)."""
     import traceback
 
     import torch.distributed as dist
     try:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        x, rep = rollout((2, 3), 4, R=7, seed=rank), replay(2, 3, R=7, seed=rank)
+        if alone_first and rank == 0:
+            dist.init_process_group("gloo", init_method=f"file://{out_dir}/alone", rank=0,
+                                    world_size=1)
+            return_scale(shards[0], torch.zeros(1), torch.zeros(1), rate=0.5,
+                         process_group=True, backend=backend)
+            _losses(x, rep, backend, True, torch.float32, torch.zeros(1), torch.zeros(1),
+                    process_group=True)
+            dist.destroy_process_group()
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
         low, high = torch.zeros(1), torch.zeros(1)
         scale = return_scale(shards[rank], low, high, rate=0.5, process_group=True,
                              backend=backend)
-        x, rep = rollout((2, 3), 4, R=7, seed=rank), replay(2, 3, R=7, seed=rank)
         whole = []
         for b in (backend, "torch"):  # the whole objective, gathering its returns
             stats = torch.zeros(1), torch.zeros(1)
@@ -254,73 +266,22 @@ def _scale_worker(rank: int, world: int, port: int, backend: str, shards, out_di
     os._exit(0)  # as the V1 DDP test: gloo's destructor can deadlock on the GIL
 
 
-def _regroup_worker(rank: int, port: int, shards, out_dir: str):
-    """Rank 0 first alone in a world of one, then both ranks in a world of two: the same
-    signature, options and ``process_group=True`` gather another number of returns."""
-    import traceback
-
-    import torch.distributed as dist
-    try:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        x, rep = rollout((2, 3), 4, R=7, seed=rank), replay(2, 3, R=7, seed=rank)
-        if rank == 0:
-            dist.init_process_group("gloo", init_method=f"file://{out_dir}/alone", rank=0,
-                                    world_size=1)
-            return_scale(shards[0], torch.zeros(1), torch.zeros(1), rate=0.5,
-                         process_group=True, backend="triton")
-            _losses(x, rep, "triton", True, torch.float32, torch.zeros(1), torch.zeros(1),
-                    process_group=True)
-            dist.destroy_process_group()
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=2, timeout=datetime.timedelta(seconds=60))
-        low, high = torch.zeros(1), torch.zeros(1)
-        scale = return_scale(shards[rank], low, high, rate=0.5, process_group=True,
-                             backend="triton")
-        whole = []
-        for b in ("triton", "torch"):
-            stats = torch.zeros(1), torch.zeros(1)
-            losses = _losses(x, rep, b, True, torch.float32, *stats, process_group=True)
-            whole.append([*(t.detach() for t in losses), *stats])
-        torch.save([low, high, scale, whole], os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
-
-
-def test_percentiles_after_the_world_size_changed(tmp_path):
-    """A call prepared in a world of one, then made in a world of two (the same key: the group
-    is ``True``): the quantiles of all the gathered returns, on every rank."""
-    from fused_dreamer_loss.core import machinery
-    if not machinery.INTERPRET:
-        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    g = torch.Generator().manual_seed(1)
-    shards = [torch.randn(6, 5, 1, generator=g) * 10, torch.randn(6, 5, 1, generator=g) + 40]
-    torch.multiprocessing.spawn(_regroup_worker, args=(_free_port(), shards, str(tmp_path)),
-                                nprocs=2, join=True)
-    low, high = torch.zeros(1), torch.zeros(1)
-    want = return_scale(torch.cat(shards), low, high, rate=0.5, backend="torch")
-    for rank in range(2):
-        *got, whole = torch.load(tmp_path / f"rank{rank}.pt")
-        for a, b in zip(got, [low, high, want]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-        for a, b in zip(*whole):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_percentiles_over_every_rank(tmp_path, backend):
+@pytest.mark.parametrize("backend, alone_first", [("torch", False), ("triton", False),
+                                                  ("triton", True)])
+def test_percentiles_over_every_rank(tmp_path, backend, alone_first):
     """Two CPU processes, each with its own returns: with ``process_group``, both take the
     quantiles of all of them (every rank's statistics equal one process's on the concatenation);
-    the whole objective gathers its returns the same way on either backend."""
+    the whole objective gathers its returns the same way on either backend. ``alone_first``:
+    rank 0's calls were prepared in a world of one before (the key holds ``True``, not the world
+    size)."""
     from fused_dreamer_loss.core import machinery
     if backend == "triton" and not machinery.INTERPRET:
         pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
     g = torch.Generator().manual_seed(0)
     shards = [torch.randn(6, 5, 1, generator=g) * 10, torch.randn(6, 5, 1, generator=g) + 40]
     torch.multiprocessing.spawn(_scale_worker, args=(2, _free_port(), backend, shards,
-                                                     str(tmp_path)), nprocs=2, join=True)
+                                                     str(tmp_path), alone_first),
+                                nprocs=2, join=True)
     low, high = torch.zeros(1), torch.zeros(1)
     want = return_scale(torch.cat(shards), low, high, rate=0.5, backend="torch")
     alone = return_scale(shards[0], torch.zeros(1), torch.zeros(1), rate=0.5, backend="torch")
