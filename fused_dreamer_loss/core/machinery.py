@@ -444,7 +444,7 @@ class LossKernels:
             launchers' scalar arguments (so that they are also custom-op arguments).
         reference: ``(inputs, options, shapes) -> losses``: the pure-torch loss on the same inputs,
             differentiable twice; used for ``create_graph=True`` and forward-mode AD.
-        plan: ``(inputs, floats, ints) -> plan``, optional: what ``forward`` and ``backward``
+        plan: ``(inputs, floats, ints) -> plan``: what ``forward`` and ``backward``
             launch for inputs of this signature (shapes, strides, dtypes, device), worked out
             once: ``plan.forward(inputs, needs) -> (losses, keep, grads)`` (``grads`` one per
             input, None where ``needs`` asks for none) and ``plan.backward(inputs, keep,
@@ -462,7 +462,7 @@ class LossKernels:
     empty_grad: Callable[[Sequence[Optional[torch.Tensor]], int], torch.Tensor]
     encode: Callable[[Any, Any], tuple[list[float], list[int]]]
     reference: Callable[..., Sequence[torch.Tensor]]
-    plan: Optional[Callable[..., Any]] = None
+    plan: Callable[..., Any]
     input_names: Optional[Callable[[Sequence[int], int], Sequence[str]]] = None
 
 
@@ -598,23 +598,6 @@ class TunedPlan:
         return losses, partials, keep, grads
 
 
-class _Unplanned:
-    """The plan interface over a loss's plain ``forward`` and ``backward`` (a loss without
-    ``plan``)."""
-
-    def __init__(self, kernels: LossKernels, floats: list[float], ints: list[int]):
-        self.kernels, self.floats, self.ints = kernels, floats, ints
-
-    def forward(self, inputs, needs):
-        outs = self.kernels.forward(list(inputs), self.floats, self.ints, list(needs))
-        n_out = len(outs) - 1 - sum(needs)
-        return outs[:n_out], outs[n_out], by_input(outs[n_out + 1:], needs)
-
-    def backward(self, inputs, keep, grad_outputs, grads, skip_if_one):
-        self.kernels.backward(inputs, self.floats, self.ints, keep, grad_outputs, grads,
-                              skip_if_one)
-
-
 class FusedCall:
     """One fused loss on inputs of one signature, its options checked: what
     :class:`FusedLossFunction` needs, worked out once. The functional entry points keep one per
@@ -652,9 +635,7 @@ class FusedCall:
         self.names = tuple(names or (f"input {i}" for i in range(len(inputs))))
         self.plan = None
         if not torch.compiler.is_compiling():
-            plan = kernels.plan
-            self.plan = (plan(inputs, self.floats, self.ints) if plan is not None
-                         else _Unplanned(kernels, self.floats, self.ints))
+            self.plan = kernels.plan(inputs, self.floats, self.ints)
 
 
 def _live_terms(needs: Sequence[bool], terms: Sequence[int]) -> tuple[int, ...]:
