@@ -865,9 +865,6 @@ class _ReturnsPlan(machinery.TunedPlan):
 
     def forward(self, inputs, needs) -> tuple:
         """``([returns, weights], keep, grads)``, the gradients unwritten."""
-        plan = self.current(inputs)
-        if plan is not self:
-            return plan.forward(inputs, needs)
         anchor = inputs[REWARD_IN]
         returns, weights, _ = self.scan(*inputs, None, anchor, anchor, anchor, anchor)
         keep = torch.empty(2, dtype=returns.dtype, device=returns.device)
@@ -880,9 +877,6 @@ class _ReturnsPlan(machinery.TunedPlan):
         flags = tuple([g is not None for g in grads[:CONT_IN + 1]])
         if upstream is None or True not in flags:
             return
-        plan = self.current(inputs)
-        if plan is not self:
-            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
         reward, value, cont = (t.contiguous() if copy else t
                                for t, copy in zip(inputs[:CONT_IN + 1], self.copied))
         scratch = torch.empty(reward.shape, dtype=keep.dtype, device=reward.device)
@@ -1179,8 +1173,7 @@ class _TermsPlan(machinery.TunedPlan):
         key = (name, flags, skip)
         launch = self._launches.get(key)
         if launch is None:
-            extra = {} if skip is None else dict(
-                self.bwd_meta, SKIP=sum(int(s) << i for i, s in enumerate(skip)))
+            extra = {} if skip is None else dict(self.bwd_meta, SKIP=machinery.bits(skip))
             meta = dict(self.meta, **dict(zip(
                 ("GRAD_RET", "GRAD_REWARD", "GRAD_VALUE", "GRAD_CONT", "GRAD_BASE", "GRAD_LP",
                  "GRAD_ENT", "GRAD_PRED", "GRAD_R_PRED"), flags)), **extra)
@@ -1190,9 +1183,6 @@ class _TermsPlan(machinery.TunedPlan):
     def forward(self, inputs, needs) -> tuple:
         """``(losses, keep, grads)``: the losses in :func:`_outputs` order, one gradient per
         input, made for a ``grad_output`` of 1, None where ``needs`` asks for none."""
-        plan = self.current(inputs)
-        if plan is not self:
-            return plan.forward(inputs, needs)
         losses, partials, keep, grads = self.empty_forward(2 * self.programs, needs)
         flags = tuple([needs[i] for i in _GRADS])
         self._launch("_terms_fwd_kernel", self.programs, flags, None)(
@@ -1205,9 +1195,6 @@ class _TermsPlan(machinery.TunedPlan):
         flags = tuple([grads[i] is not None for i in _GRADS])
         if True not in flags:
             return
-        plan = self.current(inputs)
-        if plan is not self:
-            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
         launch = self._launch("_terms_bwd_kernel", self.backward_programs, flags,
                               tuple(skip_if_one))
         launch(*self._args(inputs, grads), keep,

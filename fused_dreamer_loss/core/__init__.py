@@ -2,8 +2,8 @@
 
 - :mod:`.machinery`: the fused-loss machinery (imports triton): the fixed-order finalize kernel,
   ``FusedLossFunction`` (the autograd contract), the ``torch.library`` custom ops, tile helpers,
-  and the launches (``Launch``: a plan's, direct after the first; ``launch``: kept per kernel,
-  grid, constexprs, scalars and dtypes, for launchers without a plan).
+  the plans' shared part (``TunedPlan``) and their launches (``Launch``: direct after the
+  first).
 - :mod:`.dispatch`: which backend runs a call, and the import of a family's kernels.
 - :mod:`.validation`: argument checks every family uses (dtypes, backends, options).
 - :mod:`.torchrl_module`: the torchrl ``LossModule`` base, tensordict key handling, torchrl's dtypes.

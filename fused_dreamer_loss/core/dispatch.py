@@ -88,11 +88,10 @@ NO_KEY = object()
 
 
 def bins_key(bins):
-    """Bins (a loss's support) in a call's signature: their values for a sequence of numbers; for a
-    tensor,
-    the tensor itself (by identity: the prepared call keeps it, so no other tensor takes its id),
-    its version (bins modified in place are checked again) and layout; None for None;
-    :data:`NO_KEY` for an inference tensor, whose version is not tracked, or anything else.
+    """Bins (a loss's support) in a call's signature: their values for a sequence of numbers;
+    for a tensor, the tensor itself (by identity: the prepared call keeps it, so no other tensor
+    takes its id), its version (bins modified in place are checked again) and layout; None for
+    None; :data:`NO_KEY` for an inference tensor, whose version is not tracked, or anything else.
     Writes that bypass the version counter (through ``.data`` or a numpy view) are not seen:
     bins written that way are not checked again."""
     if bins is None:

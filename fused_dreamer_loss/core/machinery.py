@@ -227,6 +227,11 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def bits(flags) -> int:
+    """Flags as the bits of one integer (flag ``i`` is bit ``i``), for a constexpr argument."""
+    return sum(int(bool(f)) << i for i, f in enumerate(flags))
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """True when ``t``'s elements fill a contiguous stretch of memory in some dim order."""
     expected = 1
@@ -580,7 +585,8 @@ class TunedPlan:
     ``type(plan)(inputs, floats, ints)``."""
 
     def current(self, inputs) -> "TunedPlan":
-        """This plan, or a new one for ``inputs`` where the module constants changed."""
+        """This plan, or a new one for ``inputs`` where the module constants changed (see
+        :meth:`FusedCall.current_plan`)."""
         if self.tuning == self.tunables():
             return self
         return type(self)(inputs, self.floats, self.ints)
@@ -636,6 +642,14 @@ class FusedCall:
         self.plan = None
         if not torch.compiler.is_compiling():
             self.plan = kernels.plan(inputs, self.floats, self.ints)
+
+
+    def current_plan(self, inputs: Sequence[Optional[torch.Tensor]]) -> TunedPlan:
+        """The plan, made again for ``inputs`` (and kept) where the module constants it was
+        worked out from changed since (the tests shrink them): what every eager launch of the
+        call goes through."""
+        plan = self.plan = self.plan.current(inputs)
+        return plan
 
 
 def _live_terms(needs: Sequence[bool], terms: Sequence[int]) -> tuple[int, ...]:
@@ -710,7 +724,7 @@ class FusedLossFunction(torch.autograd.Function):
         else:
             needs = call.needs
             with on_device(inputs[0]):
-                losses, keep, grads = call.plan.forward(inputs, needs)
+                losses, keep, grads = call.current_plan(inputs).forward(inputs, needs)
             if call.saved:
                 ctx.save_for_backward(*[inputs[i] for i in call.saved], keep)
                 ctx.held = [(i, inputs[i], _version(inputs[i])) for i in call.held]
@@ -806,7 +820,8 @@ def _first_gradients(ctx, call: FusedCall, inputs, keep, grad_outputs):
     ctx.handed_out = [True] * len(grad_outputs)
     ctx.handed_out_any = True
     with on_device(keep):
-        call.plan.backward(inputs, keep, grad_outputs, grads, (True,) * len(grad_outputs))
+        call.current_plan(inputs).backward(inputs, keep, grad_outputs, grads,
+                                           (True,) * len(grad_outputs))
     return grads
 
 
@@ -833,8 +848,8 @@ def _eager_gradients(ctx, call: FusedCall, inputs, keep, grad_outputs, wanted, r
             grads.append(None if term in stale else buffer)
     if any(g is not None for g in grads):
         with on_device(keep):
-            call.plan.backward(inputs, keep, list(grad_outputs), grads,
-                               [not h for h in ctx.handed_out])
+            call.current_plan(inputs).backward(inputs, keep, list(grad_outputs), grads,
+                                               [not h for h in ctx.handed_out])
     for i, buffer, term in rescaled:
         # the factor term_factor reads on the device, as a tensor: no host sync
         factor = torch.where(keep[term] != 0, grad_outputs[term].to(keep.dtype), 0.0)
@@ -874,7 +889,7 @@ def run(call: FusedCall, inputs: Sequence[Optional[torch.Tensor]]):
     inputs = [t if t is None else _unwrap_if_dead(t) for t in inputs]
     if not call.saved:
         with on_device(inputs[0]):
-            return tuple(call.plan.forward(inputs, call.needs)[0])
+            return tuple(call.current_plan(inputs).forward(inputs, call.needs)[0])
     return _apply_function(call, True, *inputs)
 
 

@@ -438,9 +438,6 @@ class _Plan(machinery.TunedPlan):
     def forward(self, inputs: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple:
         """``((loss_kl, loss_reco, loss_reward), keep, grads)``: one gradient per input, made for
         a ``grad_output`` of 1, None where ``needs`` asks for none."""
-        plan = self.current(inputs)
-        if plan is not self:
-            return plan.forward(inputs, needs)
         (out_kl, out_reco, out_reward), partials, keep, grads = self.empty_forward(
             self.programs, needs)
         pm, ps, qm, qs, pixels, reco, true_reward, pred_reward = self._views(inputs)
@@ -459,9 +456,6 @@ class _Plan(machinery.TunedPlan):
         flags = tuple([t is not None for t in grads])
         if True not in flags:
             return
-        plan = self.current(inputs)
-        if plan is not self:
-            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
         pm, ps, qm, qs, pixels, reco, true_reward, pred_reward = self._views(inputs)
         g = [keep if t is None else t for t in grads]
         go = [keep if t is None else t for t in grad_outputs]

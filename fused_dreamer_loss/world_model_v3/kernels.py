@@ -503,10 +503,6 @@ def tuning() -> tuple:
             machinery.FINALIZE_BLOCK)
 
 
-def _bits(flags) -> int:
-    return sum(int(bool(f)) << i for i, f in enumerate(flags))
-
-
 def _empty_grad(inputs: Sequence[Optional[torch.Tensor]], i: int) -> torch.Tensor:
     """An unwritten gradient of input ``i``: contiguous, except a head's pair, which takes the
     layout the kernels read it in (that of the pair when both are dense and share it)."""
@@ -606,7 +602,8 @@ class _Plan(machinery.TunedPlan):
             BALANCED=o.balanced, UNIMIX=o.unimix != 0.0, TWO_HOT=o.two_hot,
             SYMLOG_SPACE=o.symlog_space, N_HEADS=len(numels),
             HEAD_MODES=sum(m << (2 * h) for h, m in enumerate(o.head_modes)),
-            INT_TARGETS=_bits(not x.dtype.is_floating_point for x in heads[0::2]), L1=o.l1,
+            INT_TARGETS=machinery.bits(not x.dtype.is_floating_point for x in heads[0::2]),
+            L1=o.l1,
             BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_K=block_k, REWARD_ROWS=reward_rows,
             BLOCK_BINS=block_bins, ROW_BLOCK=ROW_BLOCK, IMAGE_BLOCK=image_block, ACC=acc,
             num_warps=NUM_WARPS)
@@ -664,21 +661,18 @@ class _Plan(machinery.TunedPlan):
         key = (name, flags, skip)
         launch = self._launches.get(key)
         if launch is None:
-            extra = {} if skip is None else dict(self.bwd_meta, SKIP=_bits(skip))
+            extra = {} if skip is None else dict(self.bwd_meta, SKIP=machinery.bits(skip))
             meta = dict(self.meta, GRAD_Q=flags[POSTERIOR], GRAD_P=flags[PRIOR],
                         GRAD_TRUE=flags[TRUE_REWARD], GRAD_REWARD=flags[REWARD_PRED],
                         GRAD_CONT=flags[CONTINUE_PRED], GRAD_TERM=flags[TERMINATED],
-                        GRAD_XS=_bits(flags[FIRST_HEAD::2]),
-                        GRAD_YS=_bits(flags[FIRST_HEAD + 1::2]), **extra)
+                        GRAD_XS=machinery.bits(flags[FIRST_HEAD::2]),
+                        GRAD_YS=machinery.bits(flags[FIRST_HEAD + 1::2]), **extra)
             launch = self._launches[key] = machinery.Launch(_MODULE, name, programs, meta)
         return launch
 
     def forward(self, inputs, needs) -> tuple:
         """``(losses, keep, grads)``: the losses in :func:`output_names` order, one gradient per
         input, made for a ``grad_output`` of 1, None where ``needs`` asks for none."""
-        plan = self.current(inputs)
-        if plan is not self:
-            return plan.forward(inputs, needs)
         losses, partials, keep, grads = self.empty_forward(self.programs, needs)
         self._launch("_v3_fwd_kernel", self.programs, tuple(needs), None)(
             *self._args(self._views(inputs), grads), partials, *self.sizes, *self.scalars,
@@ -691,9 +685,6 @@ class _Plan(machinery.TunedPlan):
         flags = tuple([t is not None for t in grads])
         if True not in flags:
             return
-        plan = self.current(inputs)
-        if plan is not self:
-            return plan.backward(inputs, keep, grad_outputs, grads, skip_if_one)
         launch = self._launch("_v3_bwd_kernel", self.backward_programs, flags,
                               tuple(skip_if_one))
         launch(*self._args(self._views(inputs), grads), keep,
