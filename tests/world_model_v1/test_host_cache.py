@@ -94,12 +94,14 @@ def test_negative_zero_of_numpys_floats(device, kind):
         assert bool(torch.signbit(loss)) == (str(zero) == "-0.0"), zero
 
 
-def test_tile_sizes_changed_between_calls(device, small_blocks):
-    """The tests shrink the tiles (a plan made before must not be reused with the old ones)."""
+def test_tile_sizes_changed_between_calls(device, request):
+    """The tests shrink the tiles (a plan made before must not be reused with the old ones): a
+    call at the default tiles, then the same signature with the tiles shrunk."""
     from fused_dreamer_loss.world_model_v1 import kernels as k
 
     spy = LaunchSpy(k._dreamer_loss_fwd_kernel)
     check(make_inputs(device=device, seed=8))
+    request.getfixturevalue("small_blocks")
     k._dreamer_loss_fwd_kernel, original = spy, k._dreamer_loss_fwd_kernel
     try:
         check(make_inputs(device=device, seed=8))
